@@ -1,0 +1,292 @@
+"""Lazy, safe reading of checkpoints and matching base ↔ fine-tuned tensors.
+
+Readers open HF model directories (``model.safetensors``, sharded ``*.safetensors`` with an index,
+``pytorch_model.bin`` shards), single ``.safetensors`` files, and torch state-dict files
+(``.bin/.pt/.pth/.ckpt``, loaded with ``weights_only=True`` and memory-mapped). Safetensors are
+memory-mapped and read one tensor at a time, so a 13B pair never has to fit in RAM. Nothing is ever
+unpickled with code execution: a file that needs it is refused with :class:`UnsafeCheckpointError`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .errors import CheckpointError, KeyMismatchError, ShapeMismatchError, UnsafeCheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: small files copied from a model directory into an applied checkpoint (configs, tokenizers, processors)
+SIDECAR_PATTERNS = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.py", "merges.txt", "vocab.*")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint by name, loaded on demand."""
+
+    def __init__(self, path: Path, files: dict[str, Path], model_dir: Path | None):
+        self.path = path
+        self.model_dir = model_dir
+        self._file_of = files  # tensor name -> file holding it
+        self._handles: dict[Path, object] = {}
+        self._state: dict[Path, dict[str, torch.Tensor]] = {}
+
+    # -- discovery -----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def _meta(self, key: str) -> tuple[torch.Size, torch.dtype]:
+        file = self._file_of[key]
+        if file.suffix in SAFETENSORS_SUFFIXES:
+            handle = self._handle(file)
+            sl = handle.get_slice(key)
+            return torch.Size(sl.get_shape()), _st_dtype(sl.get_dtype(), key, file)
+        tensor = self._torch_state(file)[key]
+        return tensor.shape, tensor.dtype
+
+    def shape(self, key: str) -> torch.Size:
+        return self._meta(key)[0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta(key)[1]
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self._file_of[key]
+        try:
+            if file.suffix in SAFETENSORS_SUFFIXES:
+                return self._handle(file).get_tensor(key)
+            return self._torch_state(file)[key]
+        except Exception as err:  # safetensors raises its own error types on corrupt data
+            raise CheckpointError(f"cannot read tensor {key!r} from {file}: {err}") from None
+
+    def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys if keys is not None else self.keys():
+            yield key, self.get(key)
+
+    def config_json(self) -> dict | None:
+        """The model's ``config.json`` when the checkpoint is a model directory."""
+        if self.model_dir is None or not (self.model_dir / "config.json").is_file():
+            return None
+        try:
+            return json.loads((self.model_dir / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read {self.model_dir / 'config.json'}: {err}") from None
+
+    def sidecar_files(self) -> list[Path]:
+        """Non-weight files of a model directory (configs, tokenizer) an applied checkpoint needs."""
+        if self.model_dir is None:
+            return []
+        out = []
+        for entry in sorted(self.model_dir.iterdir()):
+            if entry.is_file() and entry.name not in _WEIGHT_INDEXES and any(
+                    fnmatch.fnmatch(entry.name, pat) for pat in SIDECAR_PATTERNS):
+                out.append(entry)
+        return out
+
+    # -- backends ------------------------------------------------------------------------------
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = _open_safetensors(file)
+        return self._handles[file]
+
+    def _torch_state(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._state:
+            self._state[file] = _load_torch_state(file)
+        return self._state[file]
+
+
+def _st_dtype(name: str, key: str, file: Path) -> torch.dtype:
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if name not in table:
+        raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {name}")
+    return table[name]
+
+
+def _open_safetensors(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
+
+
+def _load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{file} needs code execution to unpickle ({str(err).splitlines()[0][:160]}); refusing to load it. "
+            "Convert it to safetensors in a trusted environment first.") from None
+    except RuntimeError as err:
+        if "mmap" in str(err):  # old (non-zip) torch files cannot be memory-mapped
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err2:
+                raise UnsafeCheckpointError(f"{file} needs code execution to unpickle; refusing to load it") from err2
+        else:
+            raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
+    except Exception as err:
+        raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
+    return _unwrap_state_dict(obj, file)
+
+
+def _unwrap_state_dict(obj, file: Path) -> dict[str, torch.Tensor]:
+    """Accept a flat state dict or one nested under a usual key (BEiT-3 / Lightning / DDP checkpoints)."""
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if isinstance(obj, dict):
+            nested = next((obj[k] for k in ("model", "state_dict", "module", "model_state_dict") if k in obj), None)
+            if nested is not None:
+                obj = nested
+                continue
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if tensors:
+                return tensors
+        break
+    raise CheckpointError(f"{file} holds no tensors (expected a state dict of name → tensor)")
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
+    """Open a model directory, a ``.safetensors`` file, or a torch state-dict file, lazily."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        files = _model_dir_files(path)
+        model_dir = path
+    elif path.suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
+        files, model_dir = [path], None
+    else:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format {path.suffix or '(no suffix)'}; expected a model directory, "
+            f"a .safetensors file or a torch state dict ({', '.join(TORCH_SUFFIXES)})")
+    reader = CheckpointReader(path, {}, model_dir)
+    for file in files:
+        if file.suffix in SAFETENSORS_SUFFIXES:
+            names = list(reader._handle(file).keys())
+        else:
+            names = list(reader._torch_state(file))
+        for name in names:
+            if name in reader._file_of:
+                raise CheckpointError(f"tensor {name!r} appears in both {reader._file_of[name]} and {file}")
+            reader._file_of[name] = file
+    if not reader._file_of:
+        raise CheckpointError(f"checkpoint {path} contains no tensors")
+    return reader
+
+
+def _model_dir_files(path: Path) -> list[Path]:
+    for index_name in _WEIGHT_INDEXES:
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as err:
+                raise CheckpointError(f"{index} is not a valid weight index: {err}") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{path}: shards listed in {index_name} are missing: {missing}")
+            return files
+    for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise CheckpointError(f"{path} holds no weights (no *.safetensors, *.bin or *.pth files)")
+
+
+# ---------------------------------------------------------------------------------------------
+# matching base ↔ fine-tuned
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class KeyMatch:
+    """How fine-tuned tensor names map onto base names."""
+
+    pairs: dict[str, str]  # fine-tuned name -> base name (same shape)
+    extra: list[str]  # only in fine-tuned
+    missing: list[str]  # only in base
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    finetuned_prefix: str = ""
+    base_prefix: str = ""
+
+    def base_name(self, name: str) -> str:
+        return self.base_prefix + name[len(self.finetuned_prefix):]
+
+
+def _prefixes(keys: Iterable[str]) -> set[str]:
+    return {k.split(".", 1)[0] + "." for k in keys if "." in k}
+
+
+def match_keys(base: CheckpointReader, finetuned: CheckpointReader) -> KeyMatch:
+    """Pair tensors by name, allowing one model to wrap the other under a prefix.
+
+    A fine-tuned classifier is often the base encoder under ``bert.``/``roberta.``/``model.`` plus a
+    head; the prefix that makes the most names meet is taken, and whatever is left over is
+    reported as extra (fine-tuned only) or missing (base only).
+    """
+    bkeys, fkeys = set(base.keys()), set(finetuned.keys())
+    best = ("", "", len(bkeys & fkeys))
+    for fp in _prefixes(fkeys):
+        hits = sum(1 for k in fkeys if k.startswith(fp) and k[len(fp):] in bkeys)
+        if hits > best[2]:
+            best = (fp, "", hits)
+    for bp in _prefixes(bkeys):
+        hits = sum(1 for k in fkeys if bp + k in bkeys)
+        if hits > best[2]:
+            best = ("", bp, hits)
+    fp, bp, _ = best
+    pairs, extra, mismatched = {}, [], {}
+    for key in sorted(fkeys):
+        if not key.startswith(fp) or (bp + key[len(fp):]) not in bkeys:
+            extra.append(key)
+            continue
+        bkey = bp + key[len(fp):]
+        bshape, fshape = tuple(base.shape(bkey)), tuple(finetuned.shape(key))
+        if bshape != fshape:
+            mismatched[key] = (bshape, fshape)
+        else:
+            pairs[key] = bkey
+    matched_base = set(pairs.values()) | {bp + k[len(fp):] for k in mismatched}
+    missing = sorted(bkeys - matched_base)
+    return KeyMatch(pairs, extra, missing, mismatched, fp, bp)
+
+
+def describe_keys(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_match(match: KeyMatch, *, extra_keys: str, missing_keys: str, base_path, finetuned_path) -> None:
+    """Raise the typed error the policy asks for, naming the keys at fault."""
+    if match.mismatched and extra_keys == "error":
+        key, (bshape, fshape) = next(iter(match.mismatched.items()))
+        raise ShapeMismatchError(
+            f"tensor {key!r} has shape {list(fshape)} in {finetuned_path} but {list(bshape)} in {base_path}"
+            + (f" (and {len(match.mismatched) - 1} more)" if len(match.mismatched) > 1 else "")
+            + "; set extra_keys=keep to store such tensors (e.g. new task heads) in full")
+    if match.extra and extra_keys == "error":
+        raise KeyMismatchError(
+            f"{len(match.extra)} tensor(s) in {finetuned_path} have no counterpart in {base_path}: "
+            f"{describe_keys(match.extra)}; set extra_keys=keep to store them in full")
+    if match.missing and missing_keys == "error":
+        raise KeyMismatchError(
+            f"{len(match.missing)} tensor(s) of {base_path} are missing from {finetuned_path}: "
+            f"{describe_keys(match.missing)}; set missing_keys=ignore to leave them out of the result")
+    if not match.pairs and not match.extra:
+        raise KeyMismatchError(f"{base_path} and {finetuned_path} share no tensors")

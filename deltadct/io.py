@@ -1,0 +1,199 @@
+"""Atomic outputs and a streaming safetensors writer.
+
+Every file this package writes goes through :func:`atomic_path`: written under a temporary name in
+the destination directory, fsynced, then renamed over the final name, so a crash or SIGKILL leaves
+either nothing or a complete file. :class:`SafetensorsWriter` appends tensors one at a time to a spool
+file and assembles a standard ``.safetensors`` file at the end, so a model-sized output never has to
+be held in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import OutputError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_COPY_CHUNK = 1 << 24
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a tensor (any dtype, bf16 included), without a copy when contiguous."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _fail(path: Path, err: OSError) -> OutputError:
+    if err.errno == errno.ENOSPC:
+        return OutputError(f"disk full while writing {path}")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {path}: permission denied")
+    return OutputError(f"cannot write {path}: {err.strerror or err}")
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse an existing output (unless ``overwrite``) or a missing / unwritable parent, before any work."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {path}: directory {parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success fsync and rename it to ``path``, else remove it."""
+    path = check_output_path(path, overwrite=overwrite)
+    try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as err:
+        raise _fail(path, err) from None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if is_dir and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        _remove(tmp)
+        raise _fail(path, err) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb+") as fh:
+            os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> None:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text)
+
+
+class SafetensorsWriter:
+    """Append tensors one by one, then :meth:`finish` into a standard ``.safetensors`` file.
+
+    Tensor data goes to a spool file next to the destination as it arrives (hashed on the way), so
+    memory stays at one tensor. ``metadata_fn(data_sha256)`` builds the ``__metadata__`` dict once all
+    data is known, which lets the header carry a checksum of the data it precedes.
+    """
+
+    def __init__(self, spool_dir: Path | None):
+        # spool_dir None keeps the tensors in memory (an in-memory artifact that is never written)
+        self._spool = (tempfile.NamedTemporaryFile(prefix=".spool.", suffix=".tmp", dir=spool_dir, delete=False)
+                       if spool_dir is not None else None)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._index: dict[str, dict] = {}
+        self._offset = 0
+        self._hash = hashlib.sha256()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._index:
+            raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        tensor = tensor.detach().to("cpu").contiguous()
+        data = tensor_bytes(tensor)
+        if self._spool is not None:
+            self._spool.write(data)
+        else:
+            self.tensors[name] = tensor
+        self._hash.update(data)
+        end = self._offset + data.nbytes
+        self._index[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self._offset, end]}
+        self._offset = end
+
+    @property
+    def data_sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    @property
+    def data_bytes(self) -> int:
+        return self._offset
+
+    def header_bytes(self, metadata: dict[str, str] | None) -> bytes:
+        return encode_header(self._index, metadata)
+
+    def finish(self, target: Path, metadata: dict[str, str] | None = None) -> None:
+        """Write header + spooled data to ``target`` (a path inside an :func:`atomic_path` block)."""
+        if self._spool is None:
+            raise ValueError("an in-memory writer has no spool to finish; save its tensors instead")
+        self._spool.flush()
+        header = self.header_bytes(metadata)
+        with open(target, "wb") as out, open(self._spool.name, "rb") as data:
+            out.write(header)
+            shutil.copyfileobj(data, out, _COPY_CHUNK)
+        self.close()
+
+    def close(self) -> None:
+        if self._spool is None:
+            return
+        self._spool.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._spool.name)
+
+
+def encode_header(index: dict[str, dict], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte length + JSON header of a safetensors file, padded to 8 bytes like the reference writer."""
+    header = dict(index)
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=False).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw

@@ -1,0 +1,130 @@
+"""Delta-DCT (arXiv 2503.06676): patch importance → 2/1/0-bit allocation → DCT → per-patch quantisation.
+
+For each delta matrix: split into p×p patches, score each by its L2 norm, give the top share 2 bits,
+the next 1 bit and drop the rest (ratios chosen so the average is the bit budget, 1 bit by default),
+take the orthonormal 2-D DCT of each kept patch and quantise it uniformly between its min and max.
+On load: dequantise → IDCT → rescale so the layer's mean |Δ̂| equals the original mean |Δ| (Eq. 6).
+The ablation switches (``transform``, ``rescale``, ``patch_size``, ``ratios``, ``importance``)
+are config fields, so a sweep is an override.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .. import codec
+from .. import patches as P
+from ..errors import ConfigError
+from ..quant import RANGE_ENCODINGS
+from . import register_method
+from .base import Compressed, Method, MethodConfig, as_matrix, check_choice, check_range
+
+PATCH_SIZES_HINT = (8, 16, 32, 64)
+
+
+@dataclass
+class DeltaDCTConfig(MethodConfig):
+    #: side of the square patches (the paper uses 8, 16, 32, 64; any positive integer works)
+    patch_size: int = 16
+    #: share of patches at each width in ``bit_widths`` (highest first); must sum to 1
+    ratios: tuple[float, ...] = (0.2, 0.6, 0.2)
+    bit_widths: tuple[int, ...] = (2, 1, 0)
+    #: average payload bits per parameter the ratios may spend (side information not included)
+    budget: float = 1.0
+    importance: str = "l2"
+    transform: str = "dct"
+    rescale: str = "mean_abs"
+    #: side information per kept patch: "fp16" min/max (the paper) or "log" codes on a per-layer scale
+    range_encoding: str = "log"
+    range_bits: int = 6
+    #: rank patches within each layer, or across all layers (needs a planning pass)
+    allocation: str = "layer"
+
+    def validate(self) -> None:
+        if self.patch_size < 1:
+            raise ConfigError(f"option 'patch_size': {self.patch_size} must be a positive integer")
+        if len(self.ratios) != len(self.bit_widths):
+            raise ConfigError(f"option 'ratios': {list(self.ratios)} needs one share per bit width "
+                              f"{list(self.bit_widths)}")
+        if any(r < 0 for r in self.ratios):
+            raise ConfigError(f"option 'ratios': {list(self.ratios)} has a negative share")
+        if abs(sum(self.ratios) - 1.0) > 1e-6:
+            raise ConfigError(f"option 'ratios': {list(self.ratios)} sums to {sum(self.ratios):.6g}, not 1")
+        if any(not 0 <= b <= 8 for b in self.bit_widths) or list(self.bit_widths) != sorted(self.bit_widths, reverse=True):
+            raise ConfigError(f"option 'bit_widths': {list(self.bit_widths)} must be distinct-or-equal widths "
+                              "in 0..8, highest first")
+        check_range("budget", self.budget, 0.0, 8.0, lo_open=True)
+        spent = sum(r * b for r, b in zip(self.ratios, self.bit_widths))
+        if spent > self.budget + 1e-6:
+            raise ConfigError(f"option 'ratios': {list(self.ratios)} spend {spent:.4g} bits/param, "
+                              f"over the budget of {self.budget:g}")
+        check_choice("importance", self.importance, P.IMPORTANCE_METRICS)
+        check_choice("transform", self.transform, ("dct", "none"))
+        check_choice("rescale", self.rescale, ("mean_abs", "none", "lstsq"))
+        check_choice("range_encoding", self.range_encoding, RANGE_ENCODINGS)
+        check_range("range_bits", self.range_bits, 2, 8)
+        check_choice("allocation", self.allocation, ("layer", "global"))
+
+
+@register_method
+class DeltaDCT(Method):
+    name = "deltadct"
+    Config = DeltaDCTConfig
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self._global_thresholds: tuple[float, ...] | None = None
+
+    @property
+    def needs_plan(self) -> bool:  # type: ignore[override]
+        return self.config.allocation == "global"
+
+    def codec_options(self) -> dict:
+        c = self.config
+        return dict(patch_size=c.patch_size, transform=c.transform, range_encoding=c.range_encoding,
+                    range_bits=c.range_bits, max_width=max(c.bit_widths), rescale=c.rescale)
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
+        m, n = as_matrix(torch.empty(shape, device="meta")).shape
+        if self.config.patch_size > m or self.config.patch_size > n:
+            raise ConfigError(f"patch_size {self.config.patch_size} is larger than tensor "
+                              f"{name or '<delta>'} of shape {tuple(shape)} (as a {m}×{n} matrix)")
+
+    def scores(self, matrix: torch.Tensor) -> torch.Tensor:
+        return P.importance(P.patchify(matrix, self.config.patch_size), self.config.importance)
+
+    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Global allocation: rank every patch of every layer together and keep the score thresholds."""
+        if not self.needs_plan:
+            return
+        all_scores = torch.cat([self.scores(as_matrix(d.float())).cpu() for _, d in deltas])
+        counts = P.allocation_counts(all_scores.numel(), self.config.ratios)
+        ranked = torch.sort(all_scores, descending=True, stable=True).values
+        # threshold of class k = score of the last patch admitted to classes 0..k
+        cum = torch.tensor(counts).cumsum(0)
+        self._global_thresholds = tuple(float(ranked[c - 1]) if c > 0 else float("inf") for c in cum[:-1].tolist())
+
+    def widths_for(self, scores: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if c.allocation == "global":
+            if self._global_thresholds is None:
+                raise ConfigError("allocation='global' needs plan() over all deltas before compress()")
+            widths = torch.full_like(scores, c.bit_widths[-1], dtype=torch.uint8)
+            for thr, b in reversed(list(zip(self._global_thresholds, c.bit_widths[:-1]))):
+                widths[scores >= thr] = b
+            return widths
+        counts = P.allocation_counts(scores.numel(), c.ratios)
+        return P.allocate(scores, counts, c.bit_widths)
+
+    def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
+        self.check_shape(tuple(delta.shape), name)
+        matrix = as_matrix(delta.float())
+        widths = self.widths_for(self.scores(matrix))
+        return Compressed(codec.encode_layer(matrix, widths, **self.codec_options()))
+
+    def reconstruct(self, compressed: Compressed, shape) -> torch.Tensor:
+        matrix_shape = tuple(as_matrix(torch.empty(tuple(shape), device="meta")).shape)
+        out = codec.decode_layer(compressed.tensors, matrix_shape, **self.codec_options())
+        return out.reshape(tuple(shape))

@@ -1,0 +1,80 @@
+"""Split a matrix into p×p patches and score them.
+
+Edge handling: a matrix whose sides are not multiples of ``p`` is zero-padded at the bottom and
+right to the next multiple; :func:`unpatchify` crops the padding away again. The padding takes part
+in the patch's transform and quantisation (it is part of the p×p block), but never in importance
+scores (zeros add nothing to L1/L2/max) nor in any layer statistic, which are taken on the
+unpadded matrix.
+"""
+from __future__ import annotations
+
+import torch
+
+IMPORTANCE_METRICS = ("l2", "l1", "max")
+
+
+def patch_grid(shape: tuple[int, int], p: int) -> tuple[int, int]:
+    """Number of patch rows and columns covering an (m, n) matrix."""
+    m, n = shape
+    return -(-m // p), -(-n // p)
+
+
+def patchify(matrix: torch.Tensor, p: int) -> torch.Tensor:
+    """(m, n) → (N, p, p) in row-major patch order, zero-padding ragged edges."""
+    m, n = matrix.shape
+    gr, gc = patch_grid((m, n), p)
+    if gr * p != m or gc * p != n:
+        matrix = torch.nn.functional.pad(matrix, (0, gc * p - n, 0, gr * p - m))
+    return matrix.reshape(gr, p, gc, p).transpose(1, 2).reshape(gr * gc, p, p)
+
+
+def unpatchify(patches: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(N, p, p) → (m, n), inverse of :func:`patchify` (crops the padding)."""
+    p = patches.shape[-1]
+    m, n = shape
+    gr, gc = patch_grid((m, n), p)
+    full = patches.reshape(gr, gc, p, p).transpose(1, 2).reshape(gr * p, gc * p)
+    return full[:m, :n]
+
+
+def importance(patches: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """One score per patch: L2 norm (the paper's), L1 norm, or max |value|."""
+    flat = patches.reshape(patches.shape[0], -1)
+    if metric == "l2":
+        return torch.linalg.vector_norm(flat, ord=2, dim=1)
+    if metric == "l1":
+        return flat.abs().sum(dim=1)
+    if metric == "max":
+        return flat.abs().amax(dim=1)
+    raise ValueError(f"unknown importance metric {metric!r}; choose from {IMPORTANCE_METRICS}")
+
+
+def allocation_counts(num_patches: int, ratios: tuple[float, ...]) -> list[int]:
+    """Patch counts per bit class for ``ratios`` (highest class first), summing to ``num_patches``.
+
+    Each class gets ``round(r · N)``; the largest-remainder rule settles the leftovers so the counts
+    add up exactly and never depend on float noise in the ratios.
+    """
+    raw = [r * num_patches for r in ratios]
+    counts = [int(x) for x in raw]
+    short = num_patches - sum(counts)
+    # largest fractional parts first; ties go to the earlier (higher-bit) class for determinism
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[:short]:
+        counts[i] += 1
+    return counts
+
+
+def allocate(scores: torch.Tensor, counts: list[int], bit_classes: tuple[int, ...]) -> torch.Tensor:
+    """Bit width per patch: the ``counts[0]`` highest scores get ``bit_classes[0]`` bits, and so on.
+
+    Sorting is stable (ties keep patch order) so the same scores always give the same allocation.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    ranked_bits = torch.repeat_interleave(
+        torch.tensor(bit_classes, dtype=torch.uint8, device=scores.device),
+        torch.tensor(counts, device=scores.device),
+    )
+    bits = torch.empty_like(ranked_bits)
+    bits[order] = ranked_bits
+    return bits

@@ -1,0 +1,155 @@
+"""Uniform quantisation with per-row ranges, bit packing, and the encodings of those ranges.
+
+All functions work on a batch of rows at once: ``values`` is (N, k) and each row (one patch, one
+group) gets its own ``lo``/``hi`` range. Codes are integers in ``[0, 2**bits - 1]``;
+``dequantize(quantize(x)) `` is within half a step of ``x`` for every entry inside the range.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def quantize(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round each row of ``values`` onto ``2**bits`` evenly spaced levels from ``lo`` to ``hi``.
+
+    ``lo``/``hi`` are (N,) and are the *decoded* range (what the reader will see), so encoder and
+    decoder agree on the grid. Returns uint8 codes of the same shape as ``values``.
+    """
+    levels = (1 << bits) - 1
+    lo = lo.to(values.dtype).unsqueeze(-1)
+    span = (hi.to(values.dtype).unsqueeze(-1) - lo)
+    step = torch.where(span > 0, span / levels, torch.ones_like(span))
+    codes = torch.round((values - lo) / step).clamp_(0, levels)
+    return codes.to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``lo + code · (hi − lo) / (2**bits − 1)``."""
+    levels = (1 << bits) - 1
+    lo = lo.to(dtype).unsqueeze(-1)
+    step = (hi.to(dtype).unsqueeze(-1) - lo) / levels
+    return lo + codes.to(dtype) * step
+
+
+# ---------------------------------------------------------------------------------------------
+# bit packing: codes of any width 1..8 into a dense little-endian bit stream (uint8)
+# ---------------------------------------------------------------------------------------------
+def packed_size(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a flat tensor of codes (each < 2**bits) into ``ceil(n·bits/8)`` bytes.
+
+    Bit ``j`` of code ``i`` lands at stream position ``i·bits + j`` (LSB first within a byte).
+    Widths that divide 8 use a shift-or over ``8/bits`` codes per byte; others go through a bit
+    plane. Both are pure tensor ops, so they run on any device.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bit width must be in 1..8, got {bits}")
+    codes = codes.reshape(-1).to(torch.uint8)
+    n = codes.numel()
+    if bits == 8:
+        return codes.clone()
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        pad = (-n) % per_byte
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        lanes = codes.reshape(-1, per_byte).to(torch.int32)
+        shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+        return (lanes << shifts).sum(dim=1).to(torch.uint8)
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    plane = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    pad = (-plane.numel()) % 8
+    if pad:
+        plane = torch.cat([plane, plane.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
+    return (plane.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` codes as uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bit width must be in 1..8, got {bits}")
+    packed = packed.reshape(-1).to(torch.uint8)
+    if packed.numel() != packed_size(count, bits):
+        raise ValueError(f"packed stream has {packed.numel()} bytes, expected "
+                         f"{packed_size(count, bits)} for {count} codes of {bits} bits")
+    if bits == 8:
+        return packed[:count].clone()
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+        mask = (1 << bits) - 1
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:count]
+    plane = ((packed.unsqueeze(1) >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1)
+    plane = plane.reshape(-1)[: count * bits].reshape(count, bits).to(torch.int32)
+    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
+    return (plane * weights).sum(dim=1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# encodings of per-row ranges (the "side information")
+# ---------------------------------------------------------------------------------------------
+RANGE_ENCODINGS = ("fp16", "log")
+
+
+def encode_range_fp16(lo: torch.Tensor, hi: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The paper's side information: min and max of each row stored as fp16 (32 bits per row).
+
+    Rounds outward (lo down, hi up) so the decoded range still covers every value.
+    """
+    lo16 = lo.to(torch.float16)
+    hi16 = hi.to(torch.float16)
+    lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, torch.full_like(lo16, -torch.inf)), lo16)
+    hi16 = torch.where(hi16.float() < hi, torch.nextafter(hi16, torch.full_like(hi16, torch.inf)), hi16)
+    ranges = torch.stack([lo16, hi16], dim=1)
+    return {"range": ranges}, lo16.float(), hi16.float()
+
+
+def decode_range_fp16(fields: dict[str, torch.Tensor], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ranges = fields["range"].float()
+    return ranges[:, 0], ranges[:, 1]
+
+
+def encode_range_log(lo: torch.Tensor, hi: torch.Tensor, bits: int
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Cheap side information: each range end as a ``bits``-bit code on a per-layer log scale.
+
+    The range is widened to contain zero (``lo ≤ 0 ≤ hi``; DCT patches of real deltas almost always
+    do already), so only magnitudes are coded: code 0 means exactly 0, codes 1..2**bits−1 are
+    evenly spaced in log2 between the layer's smallest and largest magnitude, stored as two fp32
+    numbers. Magnitudes are rounded *up*, so the decoded range always covers the row.
+    """
+    mags = torch.stack([(-lo).clamp(min=0), hi.clamp(min=0)], dim=1).float()
+    positive = mags[mags > 0]
+    top = (1 << bits) - 1
+    if positive.numel() == 0:
+        log_range = torch.zeros(2, dtype=torch.float32, device=lo.device)
+        codes = torch.zeros_like(mags, dtype=torch.uint8)
+    else:
+        log_lo, log_hi = torch.log2(positive.min()), torch.log2(positive.max())
+        log_range = torch.stack([log_lo, log_hi]).float()
+        step = (log_hi - log_lo) / max(top - 1, 1)
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        level = torch.ceil((torch.log2(mags.clamp(min=torch.finfo(torch.float32).tiny)) - log_lo) / step - 1e-6)
+        codes = torch.where(mags > 0, level.clamp(0, top - 1) + 1, torch.zeros_like(level)).to(torch.uint8)
+    fields = {"range_codes": pack_bits(codes.reshape(-1), bits), "log_range": log_range}
+    dlo, dhi = _decode_log(codes, log_range, bits)
+    return fields, dlo, dhi
+
+
+def _decode_log(codes: torch.Tensor, log_range: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    top = (1 << bits) - 1
+    step = (log_range[1] - log_range[0]) / max(top - 1, 1)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    mags = torch.where(codes > 0, torch.exp2(log_range[0] + (codes.float() - 1) * step),
+                       torch.zeros_like(codes, dtype=torch.float32))
+    return -mags[:, 0], mags[:, 1]
+
+
+def decode_range_log(fields: dict[str, torch.Tensor], count: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = unpack_bits(fields["range_codes"], bits, count * 2).reshape(count, 2)
+    return _decode_log(codes, fields["log_range"].float(), bits)

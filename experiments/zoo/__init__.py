@@ -1,0 +1,106 @@
+"""Offline model zoo: real base / fine-tuned checkpoint pairs built on this machine, no downloads.
+
+Each family trains (or, for MiniLM, takes) a base model and fully fine-tunes it on several real
+tasks, then saves every checkpoint in its family's normal format so the rest of deltadct loads
+them exactly like hub models::
+
+    from experiments.zoo import build_zoo
+    entry = build_zoo("vit", mode="fast")          # cached under $DELTADCT_CACHE/zoo/vit-fast-s0
+    entry.base_path, entry.tasks["parity"].path     # timm dirs: timm.create_model("local-dir:...")
+
+Command line: ``deltadct-zoo build vit --mode full``, ``deltadct-zoo list``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from experiments.zoo.common import (
+    MODES, ZooEntry, ZooError, ZooTask, atomic_build_dir, read_manifest, write_manifest, zoo_dir,
+)
+
+__all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main"]
+
+FAMILIES = ("vit", "minilm", "t5", "gpt")
+
+# Libraries print chatter we cannot help in an offline build (hub checks, tokenizer advice).
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_zoo(
+    family: str,
+    mode: str = "fast",
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ZooEntry:
+    """The zoo of ``family`` for (mode, seed): from the cache when complete, else built now.
+
+    ``mode="fast"`` trains for seconds (tests); ``"full"`` trains for minutes (experiments).
+    """
+    if family not in FAMILIES:
+        raise ZooError(f"unknown zoo family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if mode not in MODES:
+        raise ZooError(f"unknown zoo mode {mode!r}; choose one of {', '.join(MODES)}")
+    final = zoo_dir(family, mode, seed, cache_dir)
+    cached = read_manifest(final)
+    if cached is not None:
+        return cached
+    builder = importlib.import_module(f"experiments.zoo.{family}")
+    start = time.perf_counter()
+    with atomic_build_dir(final) as out:
+        entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final)
+        write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1)})
+    built = read_manifest(final)
+    if built is None:  # a builder bug, not a user error: say which zoo
+        raise ZooError(f"zoo {final} was built but its manifest does not validate")
+    return built
+
+
+def list_zoos(cache_dir: str | Path | None = None) -> list[ZooEntry]:
+    """Every complete zoo in the cache, sorted by directory name."""
+    root = zoo_dir("x", "fast", 0, cache_dir).parent
+    entries = [read_manifest(p) for p in sorted(root.iterdir())] if root.is_dir() else []
+    return [e for e in entries if e is not None]
+
+
+def _print_entry(entry: ZooEntry) -> None:
+    print(f"{entry.family}-{entry.mode}-s{entry.seed}: {entry.root}")
+    print(f"  base: {entry.base_path}")
+    for task in entry.tasks.values():
+        print(f"  {task.name:10s} {task.metric:22s} base {task.base_score:7.4f}  "
+              f"fine-tuned {task.finetuned_score:7.4f}  {task.path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltadct-zoo", description="Build or list the offline model zoo.")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default $DELTADCT_CACHE or ~/.cache/deltadct)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build (or load from cache) the zoo of one family, or all")
+    build.add_argument("family", choices=(*FAMILIES, "all"))
+    build.add_argument("--mode", choices=MODES, default="fast")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub.add_parser("list", help="list the zoos in the cache with their scores")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "build":
+            for family in FAMILIES if args.family == "all" else (args.family,):
+                _print_entry(build_zoo(family, args.mode, args.cache_dir, args.seed, not args.quiet))
+        else:
+            entries = list_zoos(args.cache_dir)
+            if not entries:
+                print("no zoo built yet; run: deltadct-zoo build <family> [--mode full]")
+            for entry in entries:
+                _print_entry(entry)
+    except ZooError as err:
+        print(f"deltadct-zoo: error: {err}", file=sys.stderr)
+        return 1
+    return 0

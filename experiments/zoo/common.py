@@ -1,0 +1,257 @@
+"""What every zoo family shares: the manifest types, the cache layout, atomic builds, seeding, training.
+
+A zoo is a directory ``<cache>/zoo/<family>-<mode>-s<seed>`` holding one base checkpoint, one
+fine-tuned checkpoint per task, the evaluation data of each task and ``zoo.json``, the manifest.
+It is built in a sibling temp dir and renamed into place only once complete, so a killed build
+never leaves a directory that looks like a finished zoo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from deltadct.errors import DeltaDCTError
+
+MODES = ("fast", "full")
+MANIFEST = "zoo.json"
+MANIFEST_VERSION = 1
+# Keys of ZooTask.data that hold paths; the manifest stores them relative to the zoo dir.
+DATA_PATH_KEYS = ("root", "data_dir", "include_path", "data_file")
+
+
+class ZooError(DeltaDCTError):
+    """The zoo cannot be built: unknown family or mode, or the real data it needs is missing."""
+
+
+class ZooDataError(ZooError, FileNotFoundError):
+    """Real training/evaluation data the zoo needs is not available offline."""
+
+
+@dataclass
+class ZooTask:
+    """One fine-tuned checkpoint of a zoo and how to evaluate it."""
+
+    name: str
+    path: Path
+    metric: str
+    finetuned_score: float
+    base_score: float
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class ZooEntry:
+    """A built zoo: its base checkpoint and the fine-tuned checkpoints of each task."""
+
+    family: str
+    mode: str
+    seed: int
+    base_path: Path
+    tasks: dict[str, ZooTask]
+    root: Path
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache dir: the argument, else ``$DELTADCT_CACHE``, else ``~/.cache/deltadct``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("DELTADCT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "deltadct"
+
+
+def zoo_dir(family: str, mode: str, seed: int, cache_dir: str | Path | None = None) -> Path:
+    return cache_root(cache_dir) / "zoo" / f"{family}-{mode}-s{seed}"
+
+
+# ---------------------------------------------------------------- manifest
+
+def _data_to_json(data: dict, root: Path) -> dict:
+    out = dict(data)
+    for key in DATA_PATH_KEYS:
+        if key in out:
+            out[key] = os.path.relpath(out[key], root)
+    return out
+
+
+def _data_from_json(data: dict, root: Path) -> dict:
+    out = dict(data)
+    for key in DATA_PATH_KEYS:
+        if key in out:
+            out[key] = root / out[key]
+    return out
+
+
+def write_manifest(entry: ZooEntry, extra: dict) -> None:
+    """Write ``zoo.json`` into ``entry.root``, every path relative to it."""
+    rel = lambda p: os.path.relpath(p, entry.root)  # noqa: E731
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "family": entry.family,
+        "mode": entry.mode,
+        "seed": entry.seed,
+        "base_path": rel(entry.base_path),
+        "tasks": {
+            name: {
+                "path": rel(t.path),
+                "metric": t.metric,
+                "finetuned_score": t.finetuned_score,
+                "base_score": t.base_score,
+                "data": _data_to_json(t.data, entry.root),
+            }
+            for name, t in entry.tasks.items()
+        },
+        **extra,
+    }
+    (entry.root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def _checkpoint_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def read_manifest(root: Path) -> ZooEntry | None:
+    """The zoo at ``root`` if its manifest and every file it names are present, else None."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        if manifest.get("version") != MANIFEST_VERSION:
+            return None
+        tasks = {
+            name: ZooTask(
+                name=name,
+                path=root / t["path"],
+                metric=t["metric"],
+                finetuned_score=float(t["finetuned_score"]),
+                base_score=float(t["base_score"]),
+                data=_data_from_json(t["data"], root),
+            )
+            for name, t in manifest["tasks"].items()
+        }
+        entry = ZooEntry(manifest["family"], manifest["mode"], int(manifest["seed"]),
+                         root / manifest["base_path"], tasks, root)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    paths = [entry.base_path] + [t.path for t in tasks.values()]
+    if not all(_checkpoint_complete(p) for p in paths):
+        return None
+    for t in tasks.values():
+        if not all(Path(t.data[k]).exists() for k in DATA_PATH_KEYS if k in t.data):
+            return None
+    return entry
+
+
+@contextmanager
+def atomic_build_dir(final: Path) -> Iterator[Path]:
+    """A fresh temp dir next to ``final``, renamed to ``final`` when the block completes.
+
+    An incomplete old ``final`` (no valid manifest) is replaced; on error the temp dir is removed.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- determinism
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a build touches and make torch pick deterministic kernels.
+
+    Rebuilds are bit-identical on the same machine with the same torch thread count (CPU matmul
+    reductions are split per thread, so a different thread count may change the last bits).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+
+
+@contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seeded, deterministic-kernel block that restores torch's global determinism flag after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+# ---------------------------------------------------------------- training
+
+def train_loop(
+    model: torch.nn.Module,
+    loss_fn: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    desc: str,
+    progress: bool = True,
+    weight_decay: float = 0.01,
+    warmup_frac: float = 0.06,
+) -> float:
+    """AdamW with linear warmup/decay for ``steps`` steps; ``loss_fn(step)`` returns the batch loss.
+
+    Returns the mean loss of the last 10% of steps (shown in the progress bar too).
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = max(1, int(steps * warmup_frac))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    tail: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
+    for step in bar:
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        if step >= steps - max(1, steps // 10):
+            tail.append(value)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{value:.3f}")
+    model.eval()
+    return float(np.mean(tail)) if tail else float("nan")
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Indices of batch ``step`` of epoch-wise shuffled passes over ``n`` items (deterministic)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng((seed, epoch)).permutation(n)
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def base_like_state(finetuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict the framework's ``zero`` method reconstructs from ``base`` for ``finetuned``.
+
+    Every fine-tuned tensor that the base has with the same shape takes the base value; new or
+    reshaped tensors (task heads) keep the fine-tuned value. Base keys may lack a leading module
+    prefix (``bert.encoder...`` in the fine-tuned model is ``encoder...`` in a bare encoder).
+    """
+    out = {}
+    for key, value in finetuned.items():
+        match = base.get(key)
+        if match is None and "." in key:
+            match = base.get(key.split(".", 1)[1])
+        out[key] = match.clone() if match is not None and match.shape == value.shape else value.clone()
+    return out
