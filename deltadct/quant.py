@@ -94,6 +94,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 # encodings of per-row ranges (the "side information")
 # ---------------------------------------------------------------------------------------------
 RANGE_ENCODINGS = ("fp16", "log")
+#: log2 margin around a layer's magnitude range (a factor 1 ± 7e-6) so its end points stay covered
+_LOG_MARGIN = 1e-5
 
 
 def encode_range_fp16(lo: torch.Tensor, hi: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -130,12 +132,18 @@ def encode_range_log(lo: torch.Tensor, hi: torch.Tensor, bits: int
         log_range = torch.zeros(2, dtype=torch.float32, device=lo.device)
         codes = torch.zeros_like(mags, dtype=torch.uint8)
     else:
-        log_lo, log_hi = torch.log2(positive.min()), torch.log2(positive.max())
+        # widen the scale a little: float32 log2 → exp2 does not return the end points exactly
+        log_lo = torch.log2(positive.min()) - _LOG_MARGIN
+        log_hi = torch.log2(positive.max()) + _LOG_MARGIN
         log_range = torch.stack([log_lo, log_hi]).float()
         step = (log_hi - log_lo) / max(top - 1, 1)
         step = torch.where(step > 0, step, torch.ones_like(step))
         level = torch.ceil((torch.log2(mags.clamp(min=torch.finfo(torch.float32).tiny)) - log_lo) / step - 1e-6)
         codes = torch.where(mags > 0, level.clamp(0, top - 1) + 1, torch.zeros_like(level)).to(torch.uint8)
+        # the tolerance in ceil() can land one level short of a magnitude: move those codes up one
+        dlo, dhi = _decode_log(codes, log_range, bits)
+        short = (torch.stack([-dlo, dhi], dim=1) < mags) & (codes < top)
+        codes = codes + short.to(torch.uint8)
     fields = {"range_codes": pack_bits(codes.reshape(-1), bits), "log_range": log_range}
     dlo, dhi = _decode_log(codes, log_range, bits)
     return fields, dlo, dhi
