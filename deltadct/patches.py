@@ -52,17 +52,18 @@ def importance(patches: torch.Tensor, metric: str = "l2") -> torch.Tensor:
 def allocation_counts(num_patches: int, ratios: tuple[float, ...]) -> list[int]:
     """Patch counts per bit class for ``ratios`` (highest class first), summing to ``num_patches``.
 
-    Each class gets ``round(r · N)``; the largest-remainder rule settles the leftovers so the counts
-    add up exactly and never depend on float noise in the ratios.
+    Cumulative shares are rounded *down*: the top ``k`` classes together get ``floor((r_0+…+r_k)·N)``
+    patches. Each count is then within one of ``r·N``, and since widths fall class by class, the
+    layer never spends more bits than the ratios do (plain per-class rounding can: N=7 at
+    (0.2, 0.6, 0.2) would give 2/4/1 patches, 8 bits for 7 patches at a 1-bit budget).
     """
-    raw = [r * num_patches for r in ratios]
-    counts = [int(x) for x in raw]
-    short = num_patches - sum(counts)
-    # largest fractional parts first; ties go to the earlier (higher-bit) class for determinism
-    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
-    for i in order[:short]:
-        counts[i] += 1
-    return counts
+    # the epsilon keeps float noise in the ratios (0.29·100 = 28.999…) from losing a patch
+    cumulative, total = [], 0.0
+    for r in ratios[:-1]:
+        total += r
+        cumulative.append(min(num_patches, int(total * num_patches + 1e-9)))
+    bounds = [0, *cumulative, num_patches]
+    return [bounds[i + 1] - bounds[i] for i in range(len(ratios))]
 
 
 def allocate(scores: torch.Tensor, counts: list[int], bit_classes: tuple[int, ...]) -> torch.Tensor:
