@@ -75,7 +75,7 @@ class DeltaDCT(Method):
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        self._global_thresholds: tuple[float, ...] | None = None
+        self._global_widths: dict[str, torch.Tensor] | None = None
 
     @property
     def needs_plan(self) -> bool:  # type: ignore[override]
@@ -96,32 +96,37 @@ class DeltaDCT(Method):
         return P.importance(P.patchify(matrix, self.config.patch_size), self.config.importance)
 
     def plan(self, deltas: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Global allocation: rank every patch of every layer together and keep the score thresholds."""
+        """Global allocation: rank every patch of every layer together and keep each layer's widths.
+
+        Widths are stored per patch (one byte per p×p patch) rather than as score thresholds, so tied
+        scores (e.g. the all-zero patches of a frozen layer) cannot push the counts past the ratios.
+        """
         if not self.needs_plan:
             return
-        all_scores = torch.cat([self.scores(as_matrix(d.float())).cpu() for _, d in deltas])
+        names, scores = [], []
+        for name, delta in deltas:
+            names.append(name)
+            scores.append(self.scores(as_matrix(delta.float())).cpu())
+        all_scores = torch.cat(scores)
         counts = P.allocation_counts(all_scores.numel(), self.config.ratios)
-        ranked = torch.sort(all_scores, descending=True, stable=True).values
-        # threshold of class k = score of the last patch admitted to classes 0..k
-        cum = torch.tensor(counts).cumsum(0)
-        self._global_thresholds = tuple(float(ranked[c - 1]) if c > 0 else float("inf") for c in cum[:-1].tolist())
+        widths = P.allocate(all_scores, counts, self.config.bit_widths)
+        self._global_widths = dict(zip(names, widths.split([s.numel() for s in scores])))
 
-    def widths_for(self, scores: torch.Tensor) -> torch.Tensor:
+    def widths_for(self, scores: torch.Tensor, name: str = "") -> torch.Tensor:
         c = self.config
         if c.allocation == "global":
-            if self._global_thresholds is None:
-                raise ConfigError("allocation='global' needs plan() over all deltas before compress()")
-            widths = torch.full_like(scores, c.bit_widths[-1], dtype=torch.uint8)
-            for thr, b in reversed(list(zip(self._global_thresholds, c.bit_widths[:-1]))):
-                widths[scores >= thr] = b
-            return widths
+            planned = (self._global_widths or {}).get(name)
+            if planned is None or planned.numel() != scores.numel():
+                raise ConfigError(f"allocation='global' needs plan() over all deltas (including {name!r}) "
+                                  "before compress()")
+            return planned.to(scores.device)
         counts = P.allocation_counts(scores.numel(), c.ratios)
         return P.allocate(scores, counts, c.bit_widths)
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         self.check_shape(tuple(delta.shape), name)
         matrix = as_matrix(delta.float())
-        widths = self.widths_for(self.scores(matrix))
+        widths = self.widths_for(self.scores(matrix), name)
         return Compressed(codec.encode_layer(matrix, widths, **self.codec_options()))
 
     def reconstruct(self, compressed: Compressed, shape) -> torch.Tensor:
