@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ChecksumError, FormatError
+from .errors import ChecksumError, DeltaDCTError, FormatError
 from .io import SafetensorsWriter, atomic_path, dtype_from_name
 from .methods import Compressed, Method, create_method
 
@@ -94,7 +94,14 @@ class DeltaFile:
         entry = self._entry(name)
         if entry["kind"] != "compressed":
             raise FormatError(f"{name!r} is a {entry['kind']} tensor, not a compressed delta")
-        out = self.method.reconstruct(self.compressed(name, device), tuple(entry["shape"]))
+        try:
+            out = self.method.reconstruct(self.compressed(name, device), tuple(entry["shape"]))
+        except DeltaDCTError:
+            raise
+        except (KeyError, ValueError, IndexError, TypeError, RuntimeError) as err:
+            # fields that do not fit the shape/config (a hand-edited or foreign file): a typed error, not a crash
+            raise FormatError(f"{self._where()}: entry {name!r} cannot be decoded with its recorded method and "
+                              f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         if tuple(out.shape) != tuple(entry["shape"]) or not torch.isfinite(out).all():
             raise FormatError(f"{self._where()}: entry {name!r} does not decode to a finite tensor of shape "
                               f"{entry['shape']}")
@@ -203,11 +210,11 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
             raise FormatError(f"{path} is truncated or not a safetensors file (header of {n} bytes in a "
                               f"{size}-byte file)")
         raw = fh.read(n)
-    try:
+    try:  # RecursionError: deeply nested JSON arrays in a hostile header
         index = json.loads(raw)
         meta = index.pop("__metadata__", None) or {}
         header = json.loads(meta[FORMAT_NAME])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise FormatError(f"{path} is not a deltadct file (no valid deltadct header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise FormatError(f"{path} is not a deltadct file (header format {header.get('format') if isinstance(header, dict) else None!r})")
@@ -221,12 +228,37 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
         raise FormatError(f"{path}: malformed tensor index")
     try:
         data_end = max((int(v["data_offsets"][1]) for v in index.values()), default=0)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: an offset of 1e400
         raise FormatError(f"{path}: malformed tensor index") from None
+    _check_header_structure(path, header)
     if 8 + n + data_end != size:
         raise FormatError(f"{path} is truncated or has trailing bytes: {size} bytes on disk, "
                           f"{8 + n + data_end} expected")
     return header, 8 + n, index
+
+
+def _check_header_structure(path: Path, header: dict) -> None:
+    """Types of the header fields readers index into, so a malformed header is a FormatError, not a crash."""
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{path}: malformed header ({what})")
+
+    if not isinstance(header["method"], str) or not isinstance(header["config"], dict):
+        raise bad("method must be a string and config an object")
+    if not isinstance(header["entries"], dict):
+        raise bad("entries must be an object")
+    for name, entry in header["entries"].items():
+        if not (isinstance(entry, dict) and entry.get("kind") in ENTRY_KINDS and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("shape"), list)
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
+                and isinstance(entry.get("fields"), list) and all(isinstance(f, str) for f in entry["fields"])
+                and isinstance(entry.get("meta", {}), dict)):
+            raise bad(f"entry {name!r} needs a known kind, a dtype, a byte count, a shape of non-negative "
+                      "integers and a list of field names")
+    if not (isinstance(header.get("from_base", []), list) and all(isinstance(n, str) for n in header.get("from_base", []))):
+        raise bad("from_base must be a list of tensor names")
+    key_map = header.get("key_map", {})
+    if not (isinstance(key_map, dict) and all(isinstance(v, str) for v in key_map.values())):
+        raise bad("key_map must map to strings")
 
 
 def data_checksum(path: Path, offset: int) -> str:
