@@ -267,8 +267,8 @@ def verify(path: PathLike, base: PathLike | None = None) -> dict[str, Any]:
     Does not reconstruct anything. Returns a small report; raises on the first failure.
     """
     path = Path(path)
-    header, offset, _ = read_header(path)
-    verify_checksum(path, header, offset)
+    header, offset, index = read_header(path)
+    verify_checksum(path, header, offset, index)
     report = {"path": str(path), "checksum": "ok", "method": header["method"]}
     if base is not None:
         ckpt = open_checkpoint(base)

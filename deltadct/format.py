@@ -5,7 +5,7 @@ wrote (packed codes, side information, scales); a kept or new tensor has one fie
 the fine-tuned tensor exactly. The header records the format version, the method and its full config,
 the tensor policy, each entry's kind/shape/dtype, the base-checkpoint fingerprint (sha256 of the base
 tensors that were compressed, by name, dtype, shape and bytes), and a content checksum (sha256 of the
-header without the checksum, then of every tensor byte). Loading goes through ``safetensors`` only, so
+header without the checksum, the safetensors tensor index, then every tensor byte). Loading goes through ``safetensors`` only, so
 reading a file never unpickles anything.
 
 ``bits_per_param`` is measured, not computed from ratios: the file's size in bytes on disk, minus the
@@ -38,9 +38,16 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def content_checksum(header: dict, data_sha256: str) -> str:
+def content_checksum(header: dict, data_sha256: str, index: dict[str, dict]) -> str:
+    """sha256 over the deltadct header (minus this checksum), the safetensors tensor index and the data.
+
+    The index (dtype, shape, offsets of every tensor) is covered too: otherwise retyping a tensor
+    (F32 → I32) or swapping two equal-sized tensors' offsets would pass as an intact file.
+    """
     body = {k: v for k, v in header.items() if k != "content_sha256"}
-    return hashlib.sha256(canonical_json(body).encode() + b"\n" + data_sha256.encode()).hexdigest()
+    index_json = json.dumps(index, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical_json(body).encode() + b"\n" + index_json.encode() + b"\n"
+                          + data_sha256.encode()).hexdigest()
 
 
 def tensor_name(entry: str, field: str) -> str:
@@ -178,7 +185,7 @@ def finalize_header(header: dict, writer: SafetensorsWriter) -> dict:
     """Add the content checksum for the data the writer holds."""
     header = dict(header)
     header.pop("content_sha256", None)
-    header["content_sha256"] = content_checksum(header, writer.data_sha256)
+    header["content_sha256"] = content_checksum(header, writer.data_sha256, writer.index)
     return header
 
 
@@ -270,9 +277,9 @@ def data_checksum(path: Path, offset: int) -> str:
     return digest.hexdigest()
 
 
-def verify_checksum(path: Path, header: dict, offset: int) -> None:
+def verify_checksum(path: Path, header: dict, offset: int, index: dict[str, dict]) -> None:
     expected = header["content_sha256"]
-    if content_checksum(header, data_checksum(path, offset)) != expected:
+    if content_checksum(header, data_checksum(path, offset), index) != expected:
         raise ChecksumError(f"{path}: content checksum mismatch — the file is corrupt or was modified")
 
 
@@ -283,7 +290,7 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> DeltaFile:
     path = Path(path)
     header, offset, index = read_header(path)
     if verify:
-        verify_checksum(path, header, offset)
+        verify_checksum(path, header, offset, index)
     expected = {tensor_name(n, f) for n, e in header["entries"].items() for f in e.get("fields", [])}
     if expected != set(index):
         raise FormatError(f"{path}: tensors in the file do not match the header's entries")

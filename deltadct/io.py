@@ -160,6 +160,11 @@ class SafetensorsWriter:
         self._offset = end
 
     @property
+    def index(self) -> dict[str, dict]:
+        """The safetensors tensor index (name → dtype, shape, data offsets) written so far."""
+        return dict(self._index)
+
+    @property
     def data_sha256(self) -> str:
         return self._hash.hexdigest()
 
