@@ -135,8 +135,11 @@ class SafetensorsWriter:
 
     def __init__(self, spool_dir: Path | None):
         # spool_dir None keeps the tensors in memory (an in-memory artifact that is never written)
-        self._spool = (tempfile.NamedTemporaryFile(prefix=".spool.", suffix=".tmp", dir=spool_dir, delete=False)
-                       if spool_dir is not None else None)
+        try:
+            self._spool = (tempfile.NamedTemporaryFile(prefix=".spool.", suffix=".tmp", dir=spool_dir, delete=False)
+                           if spool_dir is not None else None)
+        except OSError as err:  # e.g. a directory that passes os.access for root but refuses new files (/proc)
+            raise _fail(Path(spool_dir), err) from None
         self.tensors: dict[str, torch.Tensor] = {}
         self._index: dict[str, dict] = {}
         self._offset = 0
@@ -150,7 +153,11 @@ class SafetensorsWriter:
         tensor = tensor.detach().to("cpu").contiguous()
         data = tensor_bytes(tensor)
         if self._spool is not None:
-            self._spool.write(data)
+            try:
+                self._spool.write(data)
+            except OSError as err:  # disk full while spooling, before the output file exists
+                self.close()
+                raise _fail(Path(self._spool.name).parent, err) from None
         else:
             self.tensors[name] = tensor
         self._hash.update(data)
@@ -189,7 +196,8 @@ class SafetensorsWriter:
     def close(self) -> None:
         if self._spool is None:
             return
-        self._spool.close()
+        with contextlib.suppress(OSError):  # flushing a full disk fails again; the spool goes regardless
+            self._spool.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._spool.name)
 
