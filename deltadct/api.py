@@ -62,7 +62,9 @@ def plan_tensors(base: CheckpointReader, finetuned: CheckpointReader, method: Me
     plan = Plan([], [], [], [])
     for name, bname in match.pairs.items():
         shape = tuple(finetuned.shape(name))
-        if policy.selects(name, len(shape)) and all(s > 0 for s in shape):
+        # integer/bool tensors (buffers, index tables) are never approximated: a lossy delta would round wrongly
+        floating = finetuned.dtype(name).is_floating_point and base.dtype(bname).is_floating_point
+        if floating and policy.selects(name, len(shape)) and all(s > 0 for s in shape):
             try:
                 method.check_shape(shape, name)
                 plan.compressed.append(name)
