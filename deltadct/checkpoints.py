@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import CheckpointError, KeyMismatchError, ShapeMismatchError, UnsafeCheckpointError
+from .io import SAFETENSORS_DTYPES
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -142,7 +143,7 @@ def _load_torch_state(file: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
     except Exception as err:
         raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
-    return _unwrap_state_dict(obj, file)
+    return _check_storable(_unwrap_state_dict(obj, file), file)
 
 
 def _unwrap_state_dict(obj, file: Path) -> dict[str, torch.Tensor]:
@@ -160,6 +161,14 @@ def _unwrap_state_dict(obj, file: Path) -> dict[str, torch.Tensor]:
                 return tensors
         break
     raise CheckpointError(f"{file} holds no tensors (expected a state dict of name → tensor)")
+
+
+def _check_storable(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """Refuse dtypes a delta file cannot hold (complex, float8), as the safetensors reader does."""
+    for key, tensor in state.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {str(tensor.dtype).removeprefix('torch.')}")
+    return state
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
