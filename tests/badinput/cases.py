@@ -1,0 +1,379 @@
+"""The bad-input corpus: one :class:`Case` per way a user can hand deltadct something wrong.
+
+Each case builds its inputs in a fresh directory and returns the ``deltadct`` command line that must
+fail. ``tests/test_badinput.py`` runs every case twice — through ``deltadct.cli.main`` (exit status 2,
+one ``deltadct: error:`` line naming ``mentions``, no traceback) and through the Python API the CLI
+calls (the typed ``error``) — and checks that the output directory is left exactly as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from deltadct import errors as E
+from deltadct.format import FORMAT_NAME, read_header
+from deltadct.io import encode_header
+
+#: the file an unpickled payload would create; its absence proves no code ran
+PWNED = "PWNED"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    #: writes inputs under ``root`` and returns the argv; outputs go to ``root / "out"``
+    build: Callable[[Path], list[str]]
+    error: type[E.DeltaDCTError]
+    #: substrings the one-line message must contain: what is wrong and where
+    mentions: tuple[str, ...]
+    #: files that must exist in ``root / "out"`` before and after (e.g. an output that already exists)
+    preexisting: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def weights(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A small two-layer model: one compressible matrix, a bias and a head."""
+    g = torch.Generator().manual_seed(seed)
+    return {"enc.weight": torch.randn(64, 48, generator=g).to(dtype),
+            "enc.bias": torch.randn(64, generator=g).to(dtype),
+            "head.weight": torch.randn(32, 64, generator=g).to(dtype)}
+
+
+def finetune(base: dict[str, torch.Tensor], seed: int = 1, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()}
+
+
+def write_pair(root: Path, base: dict, finetuned: dict) -> tuple[str, str]:
+    save_file(base, root / "base.safetensors")
+    save_file(finetuned, root / "ft.safetensors")
+    return str(root / "base.safetensors"), str(root / "ft.safetensors")
+
+
+def ok_pair(root: Path) -> tuple[str, str]:
+    base = weights()
+    return write_pair(root, base, finetune(base))
+
+
+def compress_argv(root: Path, base: str, ft: str, *extra: str, out: str | None = None) -> list[str]:
+    return ["compress", "--base", base, "--finetuned", ft, "--out", out or str(root / "out" / "d.safetensors"),
+            "--quiet", *extra]
+
+
+def good_delta(root: Path) -> tuple[str, Path]:
+    """A valid delta file (outside ``out/``) and its base."""
+    from deltadct import compress
+
+    base, ft = ok_pair(root)
+    compress(base, ft, out=root / "good.safetensors", progress=False)
+    return base, root / "good.safetensors"
+
+
+def rewrite_header(src: Path, dst: Path, edit_header=None, edit_index=None) -> Path:
+    """Copy a delta file with its deltadct header and/or tensor index edited (checksum left as is)."""
+    header, offset, index = read_header(src)
+    data = src.read_bytes()[offset:]
+    if edit_header:
+        edit_header(header)
+    if edit_index:
+        edit_index(index)
+    dst.write_bytes(encode_header(index, {FORMAT_NAME: json.dumps(header)}) + data)
+    return dst
+
+
+def raw_header_file(path: Path, text: str) -> Path:
+    raw = text.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    return path
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch PWNED``: the classic pickle attack on model files."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+# ---------------------------------------------------------------------------------------------
+# case builders
+# ---------------------------------------------------------------------------------------------
+def _pair_with(edit_base=None, edit_ft=None, *extra: str):
+    def build(root: Path) -> list[str]:
+        base = weights()
+        ft = finetune(base)
+        if edit_base:
+            base = edit_base(dict(base))
+        if edit_ft:
+            ft = edit_ft(dict(ft))
+        return compress_argv(root, *write_pair(root, base, ft), *extra)
+    return build
+
+
+def _with(name: str, value_fn):
+    def edit(state):
+        state[name] = value_fn(state.get(name))
+        return state
+    return edit
+
+
+def _without(name: str):
+    def edit(state):
+        del state[name]
+        return state
+    return edit
+
+
+def _poison(value: float):
+    def fn(t):
+        t = t.clone()
+        t.view(-1)[7] = value
+        return t
+    return fn
+
+
+def _set(option: str):
+    def build(root: Path) -> list[str]:
+        return compress_argv(root, *ok_pair(root), "--set", option)
+    return build
+
+
+def _delta_cmd(command: str, make_file: Callable[[Path, Path], Path]):
+    """``deltadct {verify,info,apply}`` on a broken delta file made from a good one."""
+    def build(root: Path) -> list[str]:
+        base, good = good_delta(root)
+        bad = make_file(good, root / "bad.safetensors")
+        if command == "apply":
+            return ["apply", "--base", base, "--delta", str(bad), "--out", str(root / "out" / "model"), "--quiet"]
+        return [command, str(bad)]
+    return build
+
+
+def _truncate(good: Path, dst: Path) -> Path:
+    raw = good.read_bytes()
+    dst.write_bytes(raw[: len(raw) * 2 // 3])
+    return dst
+
+
+def _flip_data_bit(good: Path, dst: Path) -> Path:
+    raw = bytearray(good.read_bytes())
+    raw[-5] ^= 0x10  # inside the last tensor's bytes
+    dst.write_bytes(raw)
+    return dst
+
+
+def _empty(good: Path, dst: Path) -> Path:
+    dst.write_bytes(b"")
+    return dst
+
+
+def _wrong_version(good: Path, dst: Path) -> Path:
+    return rewrite_header(good, dst, edit_header=lambda h: h.update(format_version=99))
+
+
+def _retype_scale(good: Path, dst: Path) -> Path:
+    """F32 → I32 keeps the byte count, so only a checksum that covers the index can notice."""
+    def edit(index):
+        name = next(k for k in index if k.endswith("::scale"))
+        index[name]["dtype"] = "I32"
+    return rewrite_header(good, dst, edit_index=edit)
+
+
+def _deep_json(good: Path, dst: Path) -> Path:
+    return raw_header_file(dst, "[" * 200_000)
+
+
+def _huge_offset(good: Path, dst: Path) -> Path:
+    header, _, _ = read_header(good)
+    return raw_header_file(dst, json.dumps({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1e400]},
+                                            "__metadata__": {FORMAT_NAME: json.dumps(header)}}))
+
+
+def _entries_list(good: Path, dst: Path) -> Path:
+    return rewrite_header(good, dst, edit_header=lambda h: h.update(entries=[]))
+
+
+def _checkpoint_as_delta(good: Path, dst: Path) -> Path:
+    save_file(weights(), dst)
+    return dst
+
+
+def _wrong_base(command: str, base_fn):
+    def build(root: Path) -> list[str]:
+        _, good = good_delta(root)
+        other = root / "other.safetensors"
+        save_file(base_fn(), other)
+        if command == "apply":
+            return ["apply", "--base", str(other), "--delta", str(good), "--out", str(root / "out" / "model"), "--quiet"]
+        return ["verify", str(good), "--base", str(other)]
+    return build
+
+
+def _pickle_bomb(root: Path) -> list[str]:
+    """A torch checkpoint whose unpickling would run a shell command."""
+    torch.save({"enc.weight": torch.zeros(64, 48), "payload": _RunsCode(root / PWNED)}, root / "evil.bin")
+    base, _ = ok_pair(root)
+    return compress_argv(root, base, str(root / "evil.bin"))
+
+
+def _plain_pickle(root: Path) -> list[str]:
+    with open(root / "model.pkl", "wb") as fh:
+        pickle.dump({"enc.weight": _RunsCode(root / PWNED)}, fh)
+    base, _ = ok_pair(root)
+    return compress_argv(root, base, str(root / "model.pkl"))
+
+
+def _legacy_pickle_bin(root: Path) -> list[str]:
+    """A raw pickle (not torch's zip format) named .bin: the weights-only unpickler must refuse it too."""
+    with open(root / "legacy.bin", "wb") as fh:
+        pickle.dump({"enc.weight": _RunsCode(root / PWNED)}, fh)
+    base, _ = ok_pair(root)
+    return compress_argv(root, str(root / "legacy.bin"), base)
+
+
+def _complex_pth(root: Path) -> list[str]:
+    torch.save({"enc.weight": torch.zeros(64, 48, dtype=torch.complex64)}, root / "c.pth")
+    return compress_argv(root, str(root / "c.pth"), str(root / "c.pth"))
+
+
+def _corrupt_safetensors(root: Path) -> list[str]:
+    base, _ = ok_pair(root)
+    (root / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    return compress_argv(root, base, str(root / "junk.safetensors"))
+
+
+def _missing_checkpoint(root: Path) -> list[str]:
+    base, _ = ok_pair(root)
+    return compress_argv(root, base, str(root / "nowhere.safetensors"))
+
+
+def _out_exists(command: str):
+    def build(root: Path) -> list[str]:
+        (root / "out" / "taken").write_text("someone else's file")
+        if command == "apply":
+            base, good = good_delta(root)
+            return ["apply", "--base", base, "--delta", str(good), "--out", str(root / "out" / "taken"), "--quiet"]
+        return compress_argv(root, *ok_pair(root), out=str(root / "out" / "taken"))
+    return build
+
+
+def _out_at(path_fn):
+    def build(root: Path) -> list[str]:
+        return compress_argv(root, *ok_pair(root), out=str(path_fn(root)))
+    return build
+
+
+def _file_as_parent(root: Path) -> Path:
+    (root / "out" / "afile").write_text("x")
+    return root / "out" / "afile" / "d.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus
+# ---------------------------------------------------------------------------------------------
+def _mismatched_shape(state):
+    state["enc.weight"] = torch.randn(64, 40)
+    return state
+
+
+def _other_architecture(state):
+    g = torch.Generator().manual_seed(5)
+    return {"blocks.0.attn.qkv.weight": torch.randn(96, 32, generator=g), "blocks.0.norm.weight": torch.ones(32)}
+
+
+def _wider_model(state):
+    return {k: torch.randn(*(2 * s for s in v.shape)) for k, v in state.items()}
+
+
+CASES: list[Case] = [
+    # checkpoints that do not match
+    Case("mismatched_shape", _pair_with(None, _mismatched_shape), E.ShapeMismatchError,
+         ("enc.weight", "[64, 40]", "[64, 48]", "ft.safetensors")),
+    Case("extra_key", _pair_with(None, _with("cls.weight", lambda _: torch.randn(2, 64))), E.KeyMismatchError,
+         ("cls.weight", "ft.safetensors", "extra_keys=keep")),
+    Case("missing_key", _pair_with(None, _without("enc.bias")), E.KeyMismatchError,
+         ("enc.bias", "base.safetensors", "missing_keys")),
+    Case("different_architecture_names", _pair_with(None, _other_architecture), E.KeyMismatchError,
+         ("blocks.0.attn.qkv.weight",)),
+    Case("different_architecture_widths", _pair_with(None, _wider_model), E.ShapeMismatchError,
+         ("enc.bias", "[128]", "[64]", "and 2 more")),
+    # non-finite weights, in compressed and kept tensors, base and fine-tuned
+    Case("nan_in_finetuned", _pair_with(None, _with("enc.weight", _poison(float("nan")))), E.NonFiniteError,
+         ("enc.weight", "ft.safetensors", "NaN/Inf")),
+    Case("inf_in_base", _pair_with(_with("enc.weight", _poison(float("inf")))), E.NonFiniteError,
+         ("enc.weight", "base.safetensors")),
+    Case("nan_in_kept_bias", _pair_with(None, _with("enc.bias", _poison(float("nan")))), E.NonFiniteError,
+         ("enc.bias", "ft.safetensors")),
+    # method options
+    Case("patch_size_zero", _set("patch_size=0"), E.ConfigError, ("patch_size", "0")),
+    Case("patch_size_negative", _set("patch_size=-8"), E.ConfigError, ("patch_size", "-8")),
+    Case("patch_size_fractional", _set("patch_size=16.5"), E.ConfigError, ("patch_size", "16.5")),
+    Case("patch_size_text", _set("patch_size=abc"), E.ConfigError, ("patch_size", "abc")),
+    Case("ratios_negative", _set("ratios=-0.2,0.6,0.6"), E.ConfigError, ("ratios", "negative")),
+    Case("ratios_not_summing_to_one", _set("ratios=0.3,0.3,0.3"), E.ConfigError, ("ratios", "sums to 0.9")),
+    Case("ratios_over_budget", _set("ratios=0.5,0.5,0"), E.ConfigError, ("ratios", "1.5", "budget")),
+    Case("ratios_wrong_length", _set("ratios=0.5,0.5"), E.ConfigError, ("ratios",)),
+    Case("unknown_option", _set("patchsize=16"), E.ConfigError, ("patchsize", "patch_size")),
+    Case("unknown_policy_option", _set("policy.keep_all=1"), E.ConfigError, ("keep_all",)),
+    Case("bad_policy_choice", _set("policy.too_small=maybe"), E.ConfigError, ("too_small", "maybe")),
+    Case("set_without_value", _set("patch_size"), E.ConfigError, ("key=value", "patch_size")),
+    Case("unknown_method", lambda root: compress_argv(root, *ok_pair(root), "--method", "jpeg"),
+         E.UnknownMethodError, ("jpeg", "deltadct")),
+    Case("cuda_without_gpu", lambda root: compress_argv(root, *ok_pair(root), "--device", "cuda"),
+         E.ConfigError, ("cuda",)),
+    Case("too_small_error", lambda root: compress_argv(root, *ok_pair(root), "--set", "patch_size=48",
+                                                      "--set", "policy.too_small=error"),
+         E.ConfigError, ("head.weight", "48", "(32, 64)")),
+    # compressed files that are not intact
+    Case("delta_empty", _delta_cmd("verify", _empty), E.FormatError, ("bad.safetensors", "empty")),
+    Case("delta_truncated", _delta_cmd("info", _truncate), E.FormatError, ("bad.safetensors", "truncated")),
+    Case("delta_bit_flip_verify", _delta_cmd("verify", _flip_data_bit), E.ChecksumError,
+         ("bad.safetensors", "checksum")),
+    Case("delta_bit_flip_apply", _delta_cmd("apply", _flip_data_bit), E.ChecksumError,
+         ("bad.safetensors", "checksum")),
+    Case("delta_wrong_version", _delta_cmd("verify", _wrong_version), E.FormatError,
+         ("bad.safetensors", "version 99")),
+    Case("delta_retyped_tensor", _delta_cmd("apply", _retype_scale), E.ChecksumError, ("bad.safetensors",)),
+    Case("delta_deeply_nested_header", _delta_cmd("info", _deep_json), E.FormatError, ("bad.safetensors",)),
+    Case("delta_huge_offset", _delta_cmd("verify", _huge_offset), E.FormatError,
+         ("bad.safetensors", "tensor index")),
+    Case("delta_malformed_entries", _delta_cmd("verify", _entries_list), E.FormatError,
+         ("bad.safetensors", "entries")),
+    Case("checkpoint_given_as_delta", _delta_cmd("info", _checkpoint_as_delta), E.FormatError,
+         ("bad.safetensors", "not a deltadct file")),
+    # a delta used with another base
+    Case("apply_wrong_base_same_shapes", _wrong_base("apply", lambda: weights(seed=9)), E.FingerprintMismatchError,
+         ("other.safetensors", "fingerprint")),
+    Case("apply_wrong_base_other_shapes", _wrong_base("apply", lambda: {"enc.weight": torch.zeros(8, 8)}),
+         E.FingerprintMismatchError, ("other.safetensors", "enc.weight")),
+    Case("verify_wrong_base", _wrong_base("verify", lambda: weights(seed=9)), E.FingerprintMismatchError,
+         ("other.safetensors", "good.safetensors")),
+    # checkpoints that cannot or must not be read
+    Case("pickle_code_execution", _pickle_bomb, E.UnsafeCheckpointError, ("evil.bin", "code execution")),
+    Case("legacy_pickle_bin", _legacy_pickle_bin, E.UnsafeCheckpointError, ("legacy.bin",)),
+    Case("pickle_suffix_refused", _plain_pickle, E.CheckpointError, ("model.pkl", ".pkl", "safetensors")),
+    Case("complex_dtype", _complex_pth, E.CheckpointError, ("enc.weight", "complex64")),
+    Case("corrupt_safetensors_checkpoint", _corrupt_safetensors, E.CheckpointError, ("junk.safetensors",)),
+    Case("missing_checkpoint", _missing_checkpoint, E.CheckpointError, ("nowhere.safetensors", "does not exist")),
+    # outputs that cannot be written
+    Case("compress_out_exists", _out_exists("compress"), E.OutputError, ("taken", "exists", "--overwrite"),
+         preexisting=("taken",)),
+    Case("apply_out_exists", _out_exists("apply"), E.OutputError, ("taken", "exists"), preexisting=("taken",)),
+    Case("out_missing_parent", _out_at(lambda root: root / "out" / "no" / "such" / "d.safetensors"), E.OutputError,
+         ("no/such", "does not exist")),
+    Case("out_parent_is_file", _out_at(_file_as_parent), E.OutputError, ("afile",), preexisting=("afile",)),
+    # /proc refuses new files even for root, although os.access says it is writable
+    Case("out_under_proc", _out_at(lambda root: Path("/proc/deltadct-test.safetensors")), E.OutputError,
+         ("/proc",)),
+]
