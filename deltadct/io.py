@@ -84,6 +84,8 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False, overwrite: boo
     try:
         yield tmp
         _fsync_tree(tmp)
+        # mkstemp/mkdtemp create 0600/0700; give the output the permissions a plain open() would
+        os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
         if is_dir and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -94,6 +96,12 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False, overwrite: boo
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:
