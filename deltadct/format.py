@@ -235,7 +235,7 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
         raise FormatError(f"{path}: malformed tensor index")
     try:
         data_end = max((int(v["data_offsets"][1]) for v in index.values()), default=0)
-    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: an offset of 1e400
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError):  # OverflowError: an offset of 1e400
         raise FormatError(f"{path}: malformed tensor index") from None
     _check_header_structure(path, header)
     if 8 + n + data_end != size:
