@@ -1,0 +1,111 @@
+"""What the Hugging Face families share: ``from_pretrained`` loading, strict rebuild from a state dict,
+``save_pretrained``. Each family module only names its Auto class and its example inputs."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..checkpoints import describe_keys
+from ..errors import CheckpointError, KeyMismatchError, ShapeMismatchError
+from .base import ModelAdapter, PathLike, checkpoint_path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load reports and progress bars; our own errors say what went wrong."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class HuggingFaceAdapter(ModelAdapter):
+    """A family loaded by one ``transformers`` Auto class (``auto_class``)."""
+
+    auto_class: ClassVar[str]
+
+    def _auto(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def load(self, path: PathLike, *, device: str = "cpu") -> nn.Module:
+        path = checkpoint_path(path)
+        try:
+            with quiet_transformers():
+                model = self._auto().from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path} does not load as {self.auto_class}: {_first_line(err)}") from None
+        return model.to(device).eval()
+
+    def load_processor(self, path: PathLike) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            with quiet_transformers():
+                return AutoTokenizer.from_pretrained(checkpoint_path(path))
+        except (OSError, ValueError, KeyError):  # no tokenizer files: the evaluator that needs one says so
+            return None
+
+    def load_with_state_dict(self, path: PathLike, state_dict: Mapping[str, torch.Tensor], *,
+                             device: str = "cpu") -> nn.Module:
+        from transformers import AutoConfig
+
+        path = checkpoint_path(path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path} has no usable config.json: {_first_line(err)}") from None
+        with quiet_transformers():
+            # The Auto class only picks the concrete class; building it on the meta device costs nothing.
+            with torch.device("meta"):
+                model_class = type(self._auto().from_config(config))
+            # from_pretrained (not load_state_dict) so legacy names, tied weights and dtype follow the
+            # family's normal loading rules; sizes are checked below with a clearer message than its own.
+            model, info = model_class.from_pretrained(None, config=config, state_dict=dict(state_dict),
+                                                      output_loading_info=True, ignore_mismatched_sizes=True)
+        where = f"{model_class.__name__} from {path}"
+        if info["mismatched_keys"]:
+            key, got, expected = min(info["mismatched_keys"], key=lambda item: item[0])
+            more = len(info["mismatched_keys"]) - 1
+            raise ShapeMismatchError(f"tensor {key!r} has shape {list(got)} in the state dict but {list(expected)} "
+                                     f"in {where}" + (f" (and {more} more)" if more else ""))
+        if info["unexpected_keys"]:
+            raise KeyMismatchError(f"{len(info['unexpected_keys'])} tensor(s) do not belong to {where}: "
+                                   f"{describe_keys(sorted(info['unexpected_keys']))}")
+        if info["missing_keys"]:
+            raise KeyMismatchError(f"{len(info['missing_keys'])} tensor(s) of {where} are missing from the "
+                                   f"state dict: {describe_keys(sorted(info['missing_keys']))}")
+        return model.to(device).eval()
+
+    def save(self, model: nn.Module, out_dir: PathLike) -> Path:
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        return out_dir
+
+
+def random_token_ids(processor: Any, model: nn.Module, *, num: int, length: int, seed: int) -> torch.Tensor:
+    """``num`` x ``length`` token ids drawn uniformly from the vocabulary with a fixed seed."""
+    vocab = len(processor) if processor is not None else model.config.vocab_size
+    vocab = min(vocab, model.get_input_embeddings().num_embeddings)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (num, length), generator=generator)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

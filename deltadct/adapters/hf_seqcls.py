@@ -1,0 +1,22 @@
+"""Encoder classifiers (BERT, RoBERTa, MiniLM, …) as ``AutoModelForSequenceClassification``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import register_adapter
+from .hf import HuggingFaceAdapter, model_device, random_token_ids
+
+
+@register_adapter
+class SequenceClassificationAdapter(HuggingFaceAdapter):
+    name = "hf_seqcls"
+    auto_class = "AutoModelForSequenceClassification"
+    # The classification head is new (absent from the base encoder): store it in full.
+    policy_defaults = {"extra_keys": "keep"}
+
+    def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
+        ids = random_token_ids(processor, model, num=num, length=32, seed=seed)
+        return {"input_ids": ids.to(model_device(model))}

@@ -1,0 +1,23 @@
+"""Encoder-decoder text-to-text models (T5, FLAN-T5, …) as ``AutoModelForSeq2SeqLM``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import register_adapter
+from .hf import HuggingFaceAdapter, model_device, random_token_ids
+
+
+@register_adapter
+class T5Adapter(HuggingFaceAdapter):
+    name = "hf_t5"
+    auto_class = "AutoModelForSeq2SeqLM"
+
+    def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
+        # Random encoder input and a random teacher-forced decoder prefix: logits at every decoder step.
+        ids = random_token_ids(processor, model, num=num, length=32, seed=seed)
+        decoder = random_token_ids(processor, model, num=num, length=8, seed=seed + 1)
+        device = model_device(model)
+        return {"input_ids": ids.to(device), "decoder_input_ids": decoder.to(device)}

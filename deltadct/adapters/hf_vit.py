@@ -1,0 +1,34 @@
+"""Hugging Face image classifiers (ViT, DeiT, BEiT, …) as ``AutoModelForImageClassification``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import checkpoint_path, register_adapter
+from .hf import HuggingFaceAdapter, model_device, quiet_transformers
+
+
+@register_adapter
+class HFImageClassificationAdapter(HuggingFaceAdapter):
+    name = "hf_vit"
+    auto_class = "AutoModelForImageClassification"
+    # A fine-tuned classifier has a new head (other classes than the pre-training one).
+    policy_defaults = {"extra_keys": "keep"}
+
+    def load_processor(self, path) -> Any:
+        from transformers import AutoImageProcessor
+
+        try:
+            with quiet_transformers():
+                return AutoImageProcessor.from_pretrained(checkpoint_path(path))
+        except (OSError, ValueError, KeyError):  # no preprocessor_config.json: the evaluator says so
+            return None
+
+    def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
+        size = model.config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(num, model.config.num_channels, height, width, generator=generator)
+        return {"pixel_values": pixels.to(model_device(model))}

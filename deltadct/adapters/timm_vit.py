@@ -1,0 +1,72 @@
+"""timm image models (ViT and friends) saved in timm's hub format: ``config.json`` + ``model.safetensors``.
+
+Loaded the normal timm way, ``timm.create_model("local-dir:<dir>", pretrained=True)``; the processor is
+timm's eval transform built from the ``pretrained_cfg`` stored in ``config.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .base import ModelAdapter, PathLike, check_state_dict_fits, checkpoint_path, register_adapter
+
+
+def _create(path: Path, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a timm checkpoint dir (no config.json)")
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=pretrained)
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{path} does not load as a timm model: {str(err).splitlines()[0]}") from None
+
+
+@register_adapter
+class TimmAdapter(ModelAdapter):
+    name = "timm_vit"
+    # A fine-tuned classifier has a new head (another number of classes than the base).
+    policy_defaults = {"extra_keys": "keep"}
+
+    def load(self, path: PathLike, *, device: str = "cpu") -> nn.Module:
+        return _create(checkpoint_path(path), pretrained=True).to(device).eval()
+
+    def load_processor(self, path: PathLike) -> Any:
+        import timm.data
+        from timm.models import load_model_config_from_path
+
+        pretrained_cfg, _, _ = load_model_config_from_path(checkpoint_path(path))
+        return timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg))
+
+    def load_with_state_dict(self, path: PathLike, state_dict: Mapping[str, torch.Tensor], *,
+                             device: str = "cpu") -> nn.Module:
+        path = checkpoint_path(path)
+        model = _create(path, pretrained=False)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        check_state_dict_fits(expected, state_dict, where=path)
+        model.load_state_dict(dict(state_dict), strict=True)
+        return model.to(device).eval()
+
+    def save(self, model: nn.Module, out_dir: PathLike) -> Path:
+        import timm.data
+        from timm.models import save_for_hf
+
+        out_dir = Path(out_dir)
+        data_config = timm.data.resolve_data_config(model=model)
+        save_for_hf(model, str(out_dir), safe_serialization=True, data_config=data_config)
+        return out_dir
+
+    def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
+        import timm.data
+
+        channels, height, width = timm.data.resolve_data_config(model=model)["input_size"]
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(num, channels, height, width, generator=generator)
+        return {"x": pixels.to(next(model.parameters()).device)}
+
+    def logits(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return model(inputs["x"])
