@@ -29,6 +29,11 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+#: files of which at least one is present in a dir with a saved tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "merges.txt")
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -54,13 +59,18 @@ class HuggingFaceAdapter(ModelAdapter):
         return model.to(device).eval()
 
     def load_processor(self, path: PathLike) -> Any:
+        """The tokenizer saved with the checkpoint, or None when the dir has no tokenizer files (recent
+        transformers would otherwise build an empty tokenizer of special tokens only)."""
         from transformers import AutoTokenizer
 
+        path = checkpoint_path(path)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            return None
         try:
             with quiet_transformers():
-                return AutoTokenizer.from_pretrained(checkpoint_path(path))
-        except (OSError, ValueError, KeyError):  # no tokenizer files: the evaluator that needs one says so
-            return None
+                return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"the tokenizer in {path} does not load: {_first_line(err)}") from None
 
     def load_with_state_dict(self, path: PathLike, state_dict: Mapping[str, torch.Tensor], *,
                              device: str = "cpu") -> nn.Module:

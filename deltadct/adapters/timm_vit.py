@@ -37,10 +37,10 @@ class TimmAdapter(ModelAdapter):
 
     def load_processor(self, path: PathLike) -> Any:
         import timm.data
-        from timm.models import load_model_config_from_path
 
-        pretrained_cfg, _, _ = load_model_config_from_path(checkpoint_path(path))
-        return timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg))
+        with torch.device("meta"):  # only the pretrained_cfg timm parses from config.json is needed
+            model = _create(checkpoint_path(path), pretrained=False)
+        return timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
     def load_with_state_dict(self, path: PathLike, state_dict: Mapping[str, torch.Tensor], *,
                              device: str = "cpu") -> nn.Module:
@@ -52,18 +52,16 @@ class TimmAdapter(ModelAdapter):
         return model.to(device).eval()
 
     def save(self, model: nn.Module, out_dir: PathLike) -> Path:
-        import timm.data
         from timm.models import save_for_hf
 
         out_dir = Path(out_dir)
-        data_config = timm.data.resolve_data_config(model=model)
-        save_for_hf(model, str(out_dir), safe_serialization=True, data_config=data_config)
+        save_for_hf(model, str(out_dir), safe_serialization=True)  # records the model's own input config
         return out_dir
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
-        import timm.data
+        from timm.models import get_model_input_config
 
-        channels, height, width = timm.data.resolve_data_config(model=model)["input_size"]
+        channels, height, width = get_model_input_config(model)["input_size"]
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(num, channels, height, width, generator=generator)
         return {"x": pixels.to(next(model.parameters()).device)}
