@@ -56,30 +56,50 @@ def _decode_ranges(fields: dict[str, torch.Tensor], count: int, encoding: str, r
     return Q.decode_range_log(fields, count, range_bits)
 
 
-def quantize_rows(rows: torch.Tensor, widths: torch.Tensor, *, range_encoding: str, range_bits: int,
-                  max_width: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Quantise each row at its width; return the packed fields and the dequantised rows.
+def _width_groups(widths: torch.Tensor, max_width: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Row order grouped by width (highest first, patch order inside a group) and each group's slice.
 
-    Rows with width 0 are dropped (dequantised to 0) and cost no side information.
+    One stable sort and one small host read (the count per width) replace a ``nonzero`` per width,
+    so a layer costs a single device→host sync wherever it runs.
+    """
+    order = torch.sort(widths, descending=True, stable=True).indices
+    counts = torch.bincount(widths.to(torch.int64), minlength=max_width + 1).tolist()
+    groups, start = [], 0
+    for b in range(max_width, 0, -1):
+        if counts[b]:
+            groups.append((b, start, start + counts[b]))
+            start += counts[b]
+    return order, groups
+
+
+def _scatter_kept(values: torch.Tensor, kept_mask: torch.Tensor) -> torch.Tensor:
+    """Spread per-kept-row values (patch order) to all rows, 0 for dropped rows, without a sync."""
+    slot = (torch.cumsum(kept_mask, 0) - 1).clamp_(min=0)
+    return torch.where(kept_mask, values[slot], torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def quantize_rows(rows: torch.Tensor, widths: torch.Tensor, *, range_encoding: str, range_bits: int,
+                  max_width: int, dequantized: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Quantise each row at its width; return the packed fields and (if asked) the dequantised rows.
+
+    Rows with width 0 are dropped (dequantised to 0) and cost no side information. All rows are
+    quantised in one pass with per-row levels; only the uint8 codes are regrouped by width.
     """
     fields: dict[str, torch.Tensor] = {"alloc": Q.pack_bits(widths, alloc_bits_for(max_width))}
-    kept = torch.nonzero(widths > 0).squeeze(1)
-    dequant = torch.zeros_like(rows)
-    if kept.numel() == 0:
-        return fields, dequant
-    kept_rows = rows[kept]
-    range_fields, lo, hi = _encode_ranges(kept_rows.amin(dim=1), kept_rows.amax(dim=1),
+    order, groups = _width_groups(widths, max_width)
+    if not groups:
+        return fields, (torch.zeros_like(rows) if dequantized else None)
+    num_kept = groups[-1][2]
+    kept_mask = widths > 0
+    kept = order[:num_kept].sort().values  # kept rows in patch order
+    range_fields, lo, hi = _encode_ranges(rows.amin(dim=1)[kept], rows.amax(dim=1)[kept],
                                           range_encoding, range_bits)
     fields.update(range_fields)
-    kept_widths = widths[kept]
-    for b in range(1, max_width + 1):
-        sel = torch.nonzero(kept_widths == b).squeeze(1)
-        if sel.numel() == 0:
-            continue
-        codes = Q.quantize(kept_rows[sel], lo[sel], hi[sel], b)
-        fields[f"codes{b}"] = Q.pack_bits(codes, b)
-        dequant[kept[sel]] = Q.dequantize(codes, lo[sel], hi[sel], b, rows.dtype)
-    return fields, dequant
+    lo_all, hi_all = _scatter_kept(lo, kept_mask), _scatter_kept(hi, kept_mask)
+    codes = Q.quantize(rows, lo_all, hi_all, widths)
+    for b, a, z in groups:
+        fields[f"codes{b}"] = Q.pack_bits(codes[order[a:z]], b)
+    return fields, (Q.dequantize(codes, lo_all, hi_all, widths, rows.dtype) if dequantized else None)
 
 
 def dequantize_rows(fields: dict[str, torch.Tensor], num_rows: int, row_len: int, *, range_encoding: str,
@@ -87,28 +107,24 @@ def dequantize_rows(fields: dict[str, torch.Tensor], num_rows: int, row_len: int
     """Inverse of :func:`quantize_rows` from the stored fields alone."""
     device = fields["alloc"].device
     widths = Q.unpack_bits(fields["alloc"], alloc_bits_for(max_width), num_rows)
-    rows = torch.zeros(num_rows, row_len, dtype=dtype, device=device)
-    kept = torch.nonzero(widths > 0).squeeze(1)
-    if kept.numel() == 0:
-        return rows
-    lo, hi = _decode_ranges(fields, kept.numel(), range_encoding, range_bits)
-    kept_widths = widths[kept]
-    for b in range(1, max_width + 1):
-        sel = torch.nonzero(kept_widths == b).squeeze(1)
-        if sel.numel() == 0:
-            continue
-        codes = Q.unpack_bits(fields[f"codes{b}"], b, sel.numel() * row_len).reshape(-1, row_len)
-        rows[kept[sel]] = Q.dequantize(codes, lo[sel], hi[sel], b, dtype)
-    return rows
+    order, groups = _width_groups(widths, max_width)
+    if not groups:
+        return torch.zeros(num_rows, row_len, dtype=dtype, device=device)
+    kept_mask = widths > 0
+    lo, hi = _decode_ranges(fields, groups[-1][2], range_encoding, range_bits)
+    codes = torch.zeros(num_rows, row_len, dtype=torch.uint8, device=device)
+    for b, a, z in groups:
+        codes[order[a:z]] = Q.unpack_bits(fields[f"codes{b}"], b, (z - a) * row_len).reshape(-1, row_len)
+    return Q.dequantize(codes, _scatter_kept(lo, kept_mask), _scatter_kept(hi, kept_mask), widths, dtype)
 
 
-def rescale_target(delta: torch.Tensor, approx: torch.Tensor, mode: str) -> torch.Tensor | None:
+def rescale_target(delta: torch.Tensor, approx: torch.Tensor | None, mode: str) -> torch.Tensor | None:
     """What to store for the layer's rescale: mean |Δ| (paper Eq. 6), the least-squares factor, or nothing."""
     if mode == "mean_abs":
         return delta.abs().mean().reshape(1).float()
     if mode == "lstsq":
         denom = (approx * approx).sum()
-        factor = (delta * approx).sum() / denom if denom > 0 else torch.ones((), device=delta.device)
+        factor = torch.where(denom > 0, (delta * approx).sum() / denom, 1.0)  # no host sync
         return factor.reshape(1).float()
     return None
 
@@ -120,7 +136,7 @@ def apply_rescale(approx: torch.Tensor, stored: torch.Tensor | None, mode: str) 
     value = stored.to(approx.dtype).reshape(())
     if mode == "mean_abs":
         current = approx.abs().mean()
-        return approx * (value / current) if current > 0 else approx
+        return approx * torch.where(current > 0, value / current, 1.0)  # no host sync
     return approx * value
 
 
@@ -128,10 +144,11 @@ def encode_layer(matrix: torch.Tensor, widths: torch.Tensor, *, patch_size: int,
                  range_encoding: str, range_bits: int, max_width: int, rescale: str) -> dict[str, torch.Tensor]:
     """Compress one (m, n) float matrix given the width of each of its patches."""
     rows = to_patches(matrix, patch_size, transform)
-    fields, dequant = quantize_rows(rows, widths, range_encoding=range_encoding,
-                                    range_bits=range_bits, max_width=max_width)
+    # only the least-squares rescale looks at the reconstruction; mean |Δ| needs the delta alone
+    fields, dequant = quantize_rows(rows, widths, range_encoding=range_encoding, range_bits=range_bits,
+                                    max_width=max_width, dequantized=rescale == "lstsq")
+    approx = from_patches(dequant, tuple(matrix.shape), patch_size, transform) if dequant is not None else None
     if rescale != "none":
-        approx = from_patches(dequant, tuple(matrix.shape), patch_size, transform)
         fields["scale"] = rescale_target(matrix, approx, rescale)
     return fields
 

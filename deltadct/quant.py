@@ -6,27 +6,41 @@ group) gets its own ``lo``/``hi`` range. Codes are integers in ``[0, 2**bits - 1
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def quantize(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+def _levels(bits: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor | int:
+    """``2**bits − 1`` as a scalar, or per row as an (N, 1) tensor when ``bits`` is a tensor of widths."""
+    if isinstance(bits, torch.Tensor):
+        return ((1 << bits.to(torch.int32)) - 1).to(dtype).unsqueeze(-1)
+    return (1 << bits) - 1
+
+
+def quantize(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
     """Round each row of ``values`` onto ``2**bits`` evenly spaced levels from ``lo`` to ``hi``.
 
     ``lo``/``hi`` are (N,) and are the *decoded* range (what the reader will see), so encoder and
-    decoder agree on the grid. Returns uint8 codes of the same shape as ``values``.
+    decoder agree on the grid. ``bits`` is one width for all rows or an (N,) tensor of widths (a
+    row of width 0 gets code 0). Returns uint8 codes of the same shape as ``values``.
     """
-    levels = (1 << bits) - 1
+    levels = _levels(bits, values.dtype)
     lo = lo.to(values.dtype).unsqueeze(-1)
     span = (hi.to(values.dtype).unsqueeze(-1) - lo)
     step = torch.where(span > 0, span / levels, torch.ones_like(span))
-    codes = torch.round((values - lo) / step).clamp_(0, levels)
-    return codes.to(torch.uint8)
+    codes = (values - lo).div_(step).round_()
+    if isinstance(levels, torch.Tensor):
+        return torch.minimum(codes.clamp_(min=0), levels, out=codes).to(torch.uint8)
+    return codes.clamp_(0, levels).to(torch.uint8)
 
 
-def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int | torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize`: ``lo + code · (hi − lo) / (2**bits − 1)``."""
-    levels = (1 << bits) - 1
+    """Inverse of :func:`quantize`: ``lo + code · (hi − lo) / (2**bits − 1)`` (rows of width 0 give ``lo``)."""
+    levels = _levels(bits, dtype)
+    if isinstance(levels, torch.Tensor):
+        levels = levels.clamp(min=1)  # width-0 rows have lo = hi and only code 0: avoid 0/0
     lo = lo.to(dtype).unsqueeze(-1)
     step = (hi.to(dtype).unsqueeze(-1) - lo) / levels
     return lo + codes.to(dtype) * step
@@ -35,6 +49,30 @@ def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: in
 # ---------------------------------------------------------------------------------------------
 # bit packing: codes of any width 1..8 into a dense little-endian bit stream (uint8)
 # ---------------------------------------------------------------------------------------------
+#: a word of 8/bits bytes holds the codes of one packed byte (little-endian, as torch views are on x86/Arm)
+_WORD_DTYPE = {1: torch.int64, 2: torch.int32, 4: torch.int16}
+
+
+@functools.lru_cache(maxsize=None)
+def _fold_steps(bits: int) -> list[tuple[int, int, int]]:
+    """(shift, mask after merging, mask before merging) per step of the pack fold for ``bits`` | 8.
+
+    Before step k the codes sit in fields of ``bits·2**k`` bits every ``8·2**k`` bits; the step
+    merges neighbouring fields, doubling both. Masks are written as signed ints of the word width.
+    """
+    word_bits = 8 * (8 // bits)
+
+    def fields(width: int, spacing: int) -> int:
+        mask = sum(((1 << width) - 1) << pos for pos in range(0, word_bits, spacing))
+        return mask - (1 << word_bits) if mask >= 1 << (word_bits - 1) else mask
+
+    steps, width, spacing = [], bits, 8
+    while width < 8:
+        steps.append((spacing - width, fields(2 * width, 2 * spacing), fields(width, spacing)))
+        width, spacing = 2 * width, 2 * spacing
+    return steps
+
+
 def packed_size(count: int, bits: int) -> int:
     return (count * bits + 7) // 8
 
@@ -57,9 +95,14 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         pad = (-n) % per_byte
         if pad:
             codes = torch.cat([codes, codes.new_zeros(pad)])
-        lanes = codes.reshape(-1, per_byte).to(torch.int32)
-        shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-        return (lanes << shifts).sum(dim=1).to(torch.uint8)
+        elif codes.storage_offset() % per_byte:  # a word view needs a word-aligned start
+            codes = codes.clone()
+        # one machine word holds the per_byte codes of one output byte; halve the spacing of the code
+        # fields log2(per_byte) times (shift, or, mask) until they sit side by side in the low byte
+        word = codes.view(_WORD_DTYPE[bits])
+        for shift, packed_mask, _ in _fold_steps(bits):
+            word = (word | (word >> shift)) & packed_mask
+        return word.to(torch.uint8)
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
     plane = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)
     pad = (-plane.numel()) % 8
@@ -80,10 +123,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return packed[:count].clone()
     if 8 % bits == 0:
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
-        mask = (1 << bits) - 1
-        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:count]
+        # the fold of pack_bits run backwards: spread each byte's codes one per byte of a word
+        word = packed.to(_WORD_DTYPE[bits])
+        for shift, _, spread_mask in reversed(_fold_steps(bits)):
+            word = (word | (word << shift)) & spread_mask
+        return word.view(torch.uint8)[:count]
     plane = ((packed.unsqueeze(1) >> torch.arange(8, device=packed.device, dtype=torch.uint8)) & 1)
     plane = plane.reshape(-1)[: count * bits].reshape(count, bits).to(torch.int32)
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))

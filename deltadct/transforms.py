@@ -22,12 +22,21 @@ def _dct_matrix_cpu(n: int) -> torch.Tensor:
     return mat
 
 
+@functools.lru_cache(maxsize=64)
+def _dct_matrix_on(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # cached per device: a fresh host→GPU copy per layer would stall the stream on every call
+    return _dct_matrix_cpu(n).to(dtype=dtype, device=device)
+
+
 def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> torch.Tensor:
-    """The n×n orthonormal DCT-II matrix ``C`` (rows are basis vectors; ``C Cᵀ = I``)."""
+    """The n×n orthonormal DCT-II matrix ``C`` (rows are basis vectors; ``C Cᵀ = I``).
+
+    The tensor is cached and shared between callers: treat it as read-only.
+    """
     if n < 1:
         raise ValueError(f"DCT size must be positive, got {n}")
-    return _dct_matrix_cpu(n).to(dtype=dtype, device=device)
+    return _dct_matrix_on(n, dtype, torch.device(device if device is not None else "cpu"))
 
 
 def dct2(patches: torch.Tensor) -> torch.Tensor:
