@@ -1,0 +1,60 @@
+"""Storage helpers shared by the baseline methods: checked fp16 casts and sparse value layouts.
+
+Not a method: the registry imports this module like any other and finds nothing to register.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NonFiniteError
+from ..quant import pack_bits, unpack_bits
+from .base import as_matrix
+
+FP16_MAX = torch.finfo(torch.float16).max
+#: above this many entries a flat index no longer fits int32, so sparse tensors always use the bit mask
+_INT32_LIMIT = 2**31 - 1
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (rows, cols) that :func:`as_matrix` gives a tensor of ``shape``, without allocating it."""
+    return tuple(as_matrix(torch.empty(tuple(shape), device="meta")).shape)  # type: ignore[return-value]
+
+
+def check_fp16_range(values: torch.Tensor, what: str, name: str = "") -> None:
+    """Refuse values that an fp16 field cannot hold (they would decode to ±inf)."""
+    if values.numel() and float(values.abs().max()) > FP16_MAX:
+        raise NonFiniteError(f"{what} of {name or '<delta>'} exceeds the fp16 range (max |value| "
+                             f"{float(values.abs().max()):.4g} > {FP16_MAX:.0f})")
+
+
+def to_fp16(values: torch.Tensor, what: str, name: str = "") -> torch.Tensor:
+    """Cast to fp16 after :func:`check_fp16_range`."""
+    check_fp16_range(values, what, name)
+    return values.to(torch.float16)
+
+
+def encode_sparse(keep: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Positions of the kept entries of a flat tensor, as a packed 1-bit mask or int32 indices.
+
+    ``keep`` is a flat bool mask; ``values`` are the kept entries in position order. The layout
+    is whichever is smaller: a mask costs 1 bit per entry, indices 32 bits per kept entry.
+    """
+    count = int(keep.sum())
+    fields = {"values": values}
+    if 32 * count < keep.numel() and keep.numel() <= _INT32_LIMIT:
+        fields["index"] = torch.nonzero(keep).squeeze(1).to(torch.int32)
+    else:
+        fields["mask"] = pack_bits(keep.to(torch.uint8), 1)
+    return fields
+
+
+def decode_sparse(fields: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+    """Inverse of :func:`encode_sparse`: the dense flat float32 tensor, zeros where nothing was kept."""
+    values = fields["values"].float()
+    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    if "index" in fields:
+        out[fields["index"].long()] = values
+    else:
+        keep = unpack_bits(fields["mask"], 1, numel).bool()
+        out[keep] = values
+    return out
