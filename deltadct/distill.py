@@ -156,8 +156,8 @@ def distill_bitdelta_scales(delta: DeltaFile | str | os.PathLike, base_model: to
             true = (teacher_state[n].float() - base_state[n].float()).cpu()
             approx = sign_times_scale(signs[n].cpu(), new_scales[n])
             norm = float(torch.linalg.vector_norm(true))
-            header["entries"][n]["rel_error"] = round(float(torch.linalg.vector_norm(approx - true)) / norm, 6) \
-                if norm > 0 else header["entries"][n]["rel_error"]
+            if norm > 0:
+                header["entries"][n]["rel_error"] = round(float(torch.linalg.vector_norm(approx - true)) / norm, 6)
     header["distillation"] = {"steps": steps, "lr": lr, "loss": loss, "batches": len(batches),
                               "loss_before": before, "loss_after": after}
     writer = SafetensorsWriter(None)
