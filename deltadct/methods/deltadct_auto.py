@@ -102,7 +102,7 @@ class DeltaDCTAuto(DeltaDCT):
         """Bits a layer costs whatever its widths: allocation map, scalars, byte rounding, header entries.
 
         Header entries are bounded by writing them for every possible field with the widest numbers
-        they can hold (file offsets up to 1e15 bytes); the JSON header sits in the safetensors metadata
+        they can hold (file offsets up to 1 TB); the JSON header sits in the safetensors metadata
         as a string, hence is escaped a second time.
         """
         c = self.config
@@ -111,7 +111,7 @@ class DeltaDCTAuto(DeltaDCT):
         payload = math.ceil(num_patches * codec.alloc_bits_for(c.max_width) / 8)
         payload += (8 if c.range_encoding == "log" else 0) + (4 if c.rescale != "none" else 0)
         payload += c.max_width + 1  # each packed code stream rounds up to whole bytes
-        offset = 10 ** 15
+        offset = 10 ** 12
         index = sum(len(json.dumps({f"{name}::{f}": {"dtype": "U8", "shape": [numel], "data_offsets": [offset, offset]}}))
                     for f in fields)
         entry = json.dumps({name: {"bytes": 8 * numel, "dtype": "bfloat16", "fields": fields, "kind": "compressed",
