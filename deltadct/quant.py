@@ -138,7 +138,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 # encodings of per-row ranges (the "side information")
 # ---------------------------------------------------------------------------------------------
 RANGE_ENCODINGS = ("fp16", "log")
-#: log2 margin around a layer's magnitude range (a factor 1 ± 7e-6) so its end points stay covered
+#: log2 shift of a layer's magnitude scale (a factor 1 + 7e-6) so its end points stay covered
 _LOG_MARGIN = 1e-5
 
 
@@ -170,24 +170,26 @@ def encode_range_log(lo: torch.Tensor, hi: torch.Tensor, bits: int
     numbers. Magnitudes are rounded *up*, so the decoded range always covers the row.
     """
     mags = torch.stack([(-lo).clamp(min=0), hi.clamp(min=0)], dim=1).float()
-    positive = mags[mags > 0]
     top = (1 << bits) - 1
-    if positive.numel() == 0:
-        log_range = torch.zeros(2, dtype=torch.float32, device=lo.device)
-        codes = torch.zeros_like(mags, dtype=torch.uint8)
-    else:
-        # widen the scale a little: float32 log2 → exp2 does not return the end points exactly
-        log_lo = torch.log2(positive.min()) - _LOG_MARGIN
-        log_hi = torch.log2(positive.max()) + _LOG_MARGIN
-        log_range = torch.stack([log_lo, log_hi]).float()
-        step = (log_hi - log_lo) / max(top - 1, 1)
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        level = torch.ceil((torch.log2(mags.clamp(min=torch.finfo(torch.float32).tiny)) - log_lo) / step - 1e-6)
-        codes = torch.where(mags > 0, level.clamp(0, top - 1) + 1, torch.zeros_like(level)).to(torch.uint8)
-        # the tolerance in ceil() can land one level short of a magnitude: move those codes up one
+    # branch-free (no host sync): smallest positive magnitude via a masked min; an all-zero layer
+    # gets log_range (0, 0) and only zero codes
+    positive = mags > 0
+    any_positive = positive.any()
+    padded = torch.cat([mags.reshape(-1), mags.new_zeros(1)])  # amin/amax need a non-empty input
+    # shift the scale up a little: float32 log2 → exp2 does not give the end points back exactly,
+    # and code 1 / the top code must decode at or above the smallest / largest magnitude
+    log_lo = torch.log2(torch.where(padded > 0, padded, torch.inf).amin()) + _LOG_MARGIN
+    log_hi = torch.log2(padded.amax()) + _LOG_MARGIN
+    log_range = torch.where(any_positive, torch.stack([log_lo, log_hi]), 0.0).float()
+    step = (log_range[1] - log_range[0]) / max(top - 1, 1)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    # start one level below ceil() and move up while the decoded magnitude is short: float rounding
+    # in log2/exp2 makes a bare ceil() miss the smallest covering level either way
+    level = torch.ceil((torch.log2(mags.clamp(min=torch.finfo(torch.float32).tiny)) - log_range[0]) / step) - 1
+    codes = torch.where(positive, level.clamp(0, top - 1) + 1, torch.zeros_like(level)).to(torch.uint8)
+    for _ in range(2):
         dlo, dhi = _decode_log(codes, log_range, bits)
-        short = (torch.stack([-dlo, dhi], dim=1) < mags) & (codes < top)
-        codes = codes + short.to(torch.uint8)
+        codes += ((torch.stack([-dlo, dhi], dim=1) < mags) & (codes < top)).to(torch.uint8)
     fields = {"range_codes": pack_bits(codes.reshape(-1), bits), "log_range": log_range}
     dlo, dhi = _decode_log(codes, log_range, bits)
     return fields, dlo, dhi
