@@ -199,6 +199,7 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     """The part of the resolved config that decides what a run computes (hashed for skip/resume)."""
     out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "tasks"}
     out["zoo"] = {k: v for k, v in out["zoo"].items() if k != "cache_dir"}
+    out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
     if out["model"].get("zoo") is None:
         out.pop("zoo")
     return out
