@@ -70,8 +70,7 @@ def digits_accuracy(state: dict[str, torch.Tensor], mirrored: bool) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-@pytest.fixture(scope="session")
-def real_pair_states() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def train_digits_pair() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(base, fine-tuned) state dicts of the digits MLP: trained on digits, then on mirrored digits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # faster than 2 contended threads for matrices this small
@@ -88,6 +87,12 @@ def real_pair_states() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
         torch.set_num_threads(threads)
     assert base_acc > 0.95 and ft_acc > 0.9, (base_acc, ft_acc)  # both tasks really learnt
     return base, finetuned
+
+
+@pytest.fixture(scope="session")
+def real_pair_states() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(base, fine-tuned) state dicts of the real digits fine-tuning (see :func:`train_digits_pair`)."""
+    return train_digits_pair()
 
 
 @pytest.fixture(scope="session")
