@@ -4,7 +4,8 @@ Data come from a local folder ``<data_dir>/<task>/<split>.tsv`` (tab-separated, 
 column names of the hub's ``glue`` dataset, labels as ids or label names) when the data spec or the
 options name a ``data_dir``, else from ``datasets.load_dataset("glue", task)``.
 Encoder classifiers predict by argmax (STS-B: the single regression output); encoder-decoders
-(T5) generate a label word that is mapped back to the label id (``label_words``).
+(T5) generate greedily from ``input_template`` and the answer, stripped, must equal one of
+``label_words`` exactly (anything else counts as wrong).
 """
 from __future__ import annotations
 
@@ -102,12 +103,13 @@ def load_glue_split(task: GlueTask, split: str, data_dir: str | Path | None):
     return texts, [float(r["label"]) if task.label_names is None else int(r["label"]) for r in ds]
 
 
-def t5_prompt(task: GlueTask, texts: tuple[str, ...]) -> str:
-    """T5's GLUE input format: ``"<task> <column>: <text> …"`` (MNLI: hypothesis before premise)."""
-    columns = list(zip(task.text_columns, texts))
+def default_template(task: GlueTask) -> str:
+    """T5's GLUE input format, e.g. ``"rte sentence1: {sentence1} sentence2: {sentence2}"`` (MNLI puts the
+    hypothesis first)."""
+    columns = list(task.text_columns)
     if task.name == "mnli":
         columns.reverse()
-    return " ".join([task.name] + [f"{column}: {text}" for column, text in columns])
+    return " ".join([task.name] + [f"{column}: {{{column}}}" for column in columns])
 
 
 @dataclass
@@ -123,8 +125,11 @@ class GlueOptions(EvalOptions):
     data_dir: str | None = None
     #: text-to-text models: words generated for each label id (empty = the data spec's, else GLUE's names)
     label_words: tuple[str, ...] = ()
-    #: text-to-text models: generation length
-    max_new_tokens: int = 8
+    #: text-to-text models: input text, ``str.format`` fields = the task's columns (None = the data spec's
+    #: ``input_template``, else T5's GLUE format)
+    input_template: str | None = None
+    #: text-to-text models: generation length (None = the data spec's ``max_new_tokens``, else 8)
+    max_new_tokens: int | None = None
     progress: bool = True
 
 
@@ -175,14 +180,21 @@ class GlueEvaluator(Evaluator):
         if task.label_names is not None and len(words) != task.num_labels:
             raise EvalError(f"label_words {list(words)} do not fit GLUE {task.name}'s "
                             f"{task.num_labels} labels {list(task.label_names)}")
-        lookup = {w.strip().lower(): i for i, w in enumerate(words)}
-        max_length = self.options.max_length or ctx.data.get("max_length") or 512
+        lookup = {w.strip(): i for i, w in enumerate(words)}
+        template = self.options.input_template or ctx.data.get("input_template") or default_template(task)
+        max_length = self.options.max_length or ctx.data.get("max_input_length") or ctx.data.get("max_length") or 512
+        max_new_tokens = self.options.max_new_tokens or ctx.data.get("max_new_tokens") or 8
         device = next(model.parameters()).device
         predictions: list[float] = []
         for batch in self._batches(texts, f"glue {task.name}"):
-            enc = tokenizer([t5_prompt(task, t) for t in batch], truncation=True, max_length=max_length,
-                            padding="longest", return_tensors="pt").to(device)
-            out = model.generate(**enc, max_new_tokens=self.options.max_new_tokens, do_sample=False, num_beams=1)
+            try:
+                prompts = [template.format(**dict(zip(task.text_columns, t))) for t in batch]
+            except (KeyError, IndexError) as err:
+                raise EvalError(f"input_template {template!r} uses a field GLUE {task.name} does not have "
+                                f"({err}); fields: {list(task.text_columns)}") from None
+            enc = tokenizer(prompts, truncation=True, max_length=max_length, padding="longest",
+                            return_tensors="pt").to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
             for text in tokenizer.batch_decode(out, skip_special_tokens=True):
                 predictions.append(_decode_prediction(text, task, lookup))
         return predictions
@@ -191,7 +203,7 @@ class GlueEvaluator(Evaluator):
 def _decode_prediction(text: str, task: GlueTask, lookup: dict[str, int]) -> float:
     """A generated answer as a label id (-1, always wrong, when it is no label word) or, for STS-B, the
     similarity it states (0.0, the lowest, when it states none)."""
-    text = text.strip().lower()
+    text = text.strip()
     if task.label_names is None:
         try:
             value = float(text)

@@ -39,7 +39,8 @@ def layer_errors(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, 
         raise EvalError("the model and its reference share no weight matrices by name; not the same architecture")
     table = {}
     for name in shared:
-        a, b = ours[name].float().flatten(), ref[name].float().to(ours[name].device).flatten()
+        # float64: a cosine of identical float32 tensors must come out as 1, not 1 + rounding
+        a, b = ours[name].double().flatten(), ref[name].to(ours[name].device).double().flatten()
         if a.shape != b.shape:
             raise EvalError(f"weight {name!r} has {a.numel()} values in the model but {b.numel()} in the reference")
         diff, norm_ref, norm_ours = float(torch.linalg.vector_norm(a - b)), float(b.norm()), float(a.norm())

@@ -12,7 +12,7 @@ from deltadct.errors import CheckpointError, ConfigError, KeyMismatchError, Shap
 
 def test_registry_lists_every_family():
     assert list_adapters() == ["beit3_state_dict", "hf_causal_lm", "hf_seqcls", "hf_t5", "hf_vit", "timm_vit"]
-    assert get_adapter("hf_seqcls").policy_defaults == {"extra_keys": "keep"}
+    assert get_adapter("hf_seqcls").policy_defaults == {"extra_keys": "keep", "missing_keys": "ignore"}
     with pytest.raises(ConfigError, match="unknown model adapter 'bert'.*hf_seqcls"):
         get_adapter("bert")
 

@@ -14,8 +14,9 @@ from .hf import HuggingFaceAdapter, model_device, random_token_ids
 class SequenceClassificationAdapter(HuggingFaceAdapter):
     name = "hf_seqcls"
     auto_class = "AutoModelForSequenceClassification"
-    # The classification head is new (absent from the base encoder): store it in full.
-    policy_defaults = {"extra_keys": "keep"}
+    # The classification head is new (absent from the base encoder): store it in full. Base-only tensors
+    # (pre-training heads, the pooler of some bases, legacy position_ids buffers) have no place in the result.
+    policy_defaults = {"extra_keys": "keep", "missing_keys": "ignore"}
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         ids = random_token_ids(processor, model, num=num, length=32, seed=seed)

@@ -14,8 +14,9 @@ from .hf import HuggingFaceAdapter, model_device, quiet_transformers
 class HFImageClassificationAdapter(HuggingFaceAdapter):
     name = "hf_vit"
     auto_class = "AutoModelForImageClassification"
-    # A fine-tuned classifier has a new head (other classes than the pre-training one).
-    policy_defaults = {"extra_keys": "keep"}
+    # A fine-tuned classifier has a new head (other classes than the pre-training one); base-only tensors
+    # (the pooler of an ``AutoModel`` base, pre-training heads) have no place in the result.
+    policy_defaults = {"extra_keys": "keep", "missing_keys": "ignore"}
 
     def load_processor(self, path) -> Any:
         from transformers import AutoImageProcessor

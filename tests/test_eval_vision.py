@@ -1,0 +1,92 @@
+"""Vision evaluator on the zoo's timm ViT checkpoints, a CLIP-style zero-shot head, and bad inputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from deltadct.adapters import get_adapter
+from eval import EvalContext, EvalError, get_evaluator
+from eval_zoo import fast_zoo, zero_reconstruction
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return fast_zoo("vit")
+
+
+def vision(**options):
+    return get_evaluator("vision")(progress=False, **options)
+
+
+def context(task):
+    return EvalContext(task.name, task.data, get_adapter("timm_vit").load_processor(task.path), "timm_vit")
+
+
+def test_reproduces_the_zoo_accuracies(vit):
+    adapter = get_adapter("timm_vit")
+    for task in vit.tasks.values():
+        metrics = vision().evaluate(adapter.load(task.path), context(task))
+        assert metrics["accuracy"] == pytest.approx(task.finetuned_score, abs=1e-6), task.name
+        assert metrics["score"] == metrics["accuracy"]
+    parity = vit.tasks["parity"]  # the `zero` reconstruction: base body + fine-tuned head
+    base = vision().evaluate(zero_reconstruction("timm_vit", vit, parity), context(parity))
+    assert base["accuracy"] == pytest.approx(parity.base_score, abs=1e-6)
+
+
+def folder_images(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folder's images normalised by hand ((x/255 − 0.5)/0.5, the zoo's preprocessing) and labels."""
+    classes = sorted(p.name for p in root.iterdir())
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            images.append(np.asarray(Image.open(file), dtype=np.float32))
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images)).unsqueeze(1) / 255.0
+    return (x - 0.5) / 0.5, torch.tensor(labels)
+
+
+def test_zero_shot_head_matches_a_hand_computation(vit, tmp_path):
+    task = vit.tasks["digits"]
+    model = get_adapter("timm_vit").load(task.path)
+    x, y = folder_images(Path(task.data["root"]))
+    with torch.no_grad():
+        features = F.normalize(model.forward_head(model.forward_features(x), pre_logits=True), dim=-1)
+    # a synthetic class-embedding head: noisy class centroids of the features
+    g = torch.Generator().manual_seed(0)
+    head = torch.stack([features[y == c].mean(0) for c in range(10)]) + 0.05 * torch.randn(10, features.shape[1],
+                                                                                           generator=g)
+    expected = float(((features @ F.normalize(head, dim=-1).T).argmax(-1) == y).float().mean())
+    save_file({"head": head}, tmp_path / "head.safetensors")
+    metrics = vision().evaluate(model, EvalContext("digits", {**task.data, "head": tmp_path / "head.safetensors"},
+                                                   context(task).processor))
+    assert metrics["accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert expected > 0.5  # the centroids really classify (chance is 0.1)
+
+    torch.save(head[:4], tmp_path / "head4.pt")
+    with pytest.raises(EvalError, match="predicts 4 classes but the data of task 'digits' has 10"):
+        vision().evaluate(model, EvalContext("digits", {**task.data, "head": tmp_path / "head4.pt"},
+                                             context(task).processor))
+    torch.save(torch.zeros(10, 7), tmp_path / "head7.pt")
+    with pytest.raises(EvalError, match="features have dim .* head .* has dim 7"):
+        vision().evaluate(model, EvalContext("digits", {**task.data, "head": tmp_path / "head7.pt"},
+                                             context(task).processor))
+
+
+def test_bad_inputs(vit, tmp_path):
+    digits, parity = vit.tasks["digits"], vit.tasks["parity"]
+    model = get_adapter("timm_vit").load(digits.path)
+    with pytest.raises(EvalError, match="predicts 10 classes but the data of task 'parity' has 2"):
+        vision().evaluate(model, context(parity))
+    with pytest.raises(EvalError, match="image folder .*nope does not exist"):
+        vision().evaluate(model, EvalContext("x", {"kind": "imagefolder", "root": tmp_path / "nope"},
+                                             context(digits).processor))
+    with pytest.raises(EvalError, match="needs an image transform"):
+        vision().evaluate(model, EvalContext("digits", digits.data))
+    with pytest.raises(EvalError, match="data kind 'webdataset' is not supported"):
+        vision().evaluate(model, EvalContext("digits", {"kind": "webdataset"}, context(digits).processor))
