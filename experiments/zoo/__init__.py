@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from experiments.zoo.common import (
-    MODES, ZooEntry, ZooError, ZooTask, atomic_build_dir, read_manifest, write_manifest, zoo_dir,
+    MODES, ZooEntry, ZooError, ZooTask, atomic_build_dir, build_lock, read_manifest, write_manifest, zoo_dir,
 )
 
 __all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main"]
@@ -53,10 +53,14 @@ def build_zoo(
     if cached is not None:
         return cached
     builder = importlib.import_module(f"experiments.zoo.{family}")
-    start = time.perf_counter()
-    with atomic_build_dir(final) as out:
-        entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final)
-        write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1)})
+    with build_lock(final):
+        cached = read_manifest(final)  # another process may have built it while we waited
+        if cached is not None:
+            return cached
+        start = time.perf_counter()
+        with atomic_build_dir(final) as out:
+            entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final)
+            write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1)})
     built = read_manifest(final)
     if built is None:  # a builder bug, not a user error: say which zoo
         raise ZooError(f"zoo {final} was built but its manifest does not validate")

@@ -103,3 +103,16 @@ def score(metric: str, labels: list[int], predictions: list[int]) -> float:
     if metric == "matthews_correlation":
         return float(matthews_corrcoef(labels, predictions))
     raise ValueError(f"unknown metric {metric!r}")
+
+
+def write_eval_data(out: Path, name: str, examples: list[Example]) -> Path:
+    """Write the exact evaluation examples as ``<out>/data/glue/<task>/validation.tsv``; returns the
+    GLUE data dir (``<out>/data/glue``) an evaluator reads through ``read_tsv``."""
+    glue_dir = out / "data" / "glue"
+    write_tsv(glue_dir / name / "validation.tsv", GLUE_TASKS[name], examples)
+    return glue_dir
+
+
+def pretraining_sentences() -> list[str]:
+    """The text the tiny T5 and GPT bases are pre-trained on: SST-2 and CoLA training sentences."""
+    return [ex["texts"][0] for name in ("sst2", "cola") for ex in load_glue(name, "train")]

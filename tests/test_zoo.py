@@ -1,0 +1,177 @@
+"""The offline zoo: fast zoos build, load through each family's normal loader, and hold real,
+reproducible fine-tuning deltas whose fine-tuned models beat their bases."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from experiments.zoo import FAMILIES, ZooError, build_zoo, main
+from experiments.zoo.common import ZooDataError, base_like_state, read_manifest
+from experiments.zoo.glue import GLUE_TASKS, read_tsv
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory) -> Path:
+    """One cache for the session: $DELTADCT_CACHE when set (shared with other test files), else a tmp dir."""
+    env = os.environ.get("DELTADCT_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("zoo_cache")
+
+
+@pytest.fixture(scope="session")
+def fast_zoo(zoo_cache):
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = build_zoo(family, "fast", cache_dir=zoo_cache, progress=False)
+        return built[family]
+
+    return get
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def assert_differs_from_base(entry) -> None:
+    base = tensors(entry.base_path)
+    for task in entry.tasks.values():
+        ft = tensors(task.path)
+        reference = base_like_state(ft, base)
+        changed = [k for k in ft if not torch.equal(ft[k], reference[k])]
+        assert len(changed) > len(ft) // 2, f"{task.name}: fine-tuning changed only {changed}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_manifest_matches_entry_and_files(fast_zoo, family):
+    entry = fast_zoo(family)
+    manifest = json.loads((entry.root / "zoo.json").read_text())
+    assert manifest["family"] == family and manifest["mode"] == "fast"
+    assert entry.root.name == f"{family}-fast-s0"
+    for name, task in entry.tasks.items():
+        assert manifest["tasks"][name]["path"] == f"tasks/{name}"  # relative: the cache can move
+        assert np.isfinite(task.finetuned_score) and np.isfinite(task.base_score)
+    assert read_manifest(entry.root) == entry
+
+
+def test_vit_loads_with_timm_and_beats_base(fast_zoo):
+    import timm
+
+    entry = fast_zoo("vit")
+    assert len(entry.tasks) >= 4
+    base = timm.create_model(f"local-dir:{entry.base_path}", pretrained=True)
+    assert base.pretrained_cfg["input_size"] == (1, 8, 8)
+    assert_differs_from_base(entry)
+    for task in entry.tasks.values():
+        model = timm.create_model(f"local-dir:{task.path}", pretrained=True).eval()
+        assert torch.equal(model.head.weight, tensors(task.path)["head.weight"])
+        # Score the PNG folder independently, through timm's own eval transform.
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+        pngs = sorted(Path(task.data["root"]).glob("*/*.png"))
+        x = torch.stack([transform(Image.open(p)) for p in pngs])
+        y = torch.tensor([int(p.parent.name) for p in pngs])
+        with torch.no_grad():
+            acc = float((model(x).argmax(-1) == y).float().mean())
+        assert acc == pytest.approx(task.finetuned_score, abs=1e-6)
+        assert task.finetuned_score > task.base_score + 0.15, task
+
+
+def test_minilm_loads_with_transformers_and_sst2_beats_base(fast_zoo):
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    entry = fast_zoo("minilm")
+    assert set(entry.tasks) == {"sst2", "cola", "rte"}
+    AutoModel.from_pretrained(entry.base_path)
+    AutoTokenizer.from_pretrained(entry.base_path)
+    sst2 = entry.tasks["sst2"]
+    model = AutoModelForSequenceClassification.from_pretrained(sst2.path)
+    assert model.config.num_labels == 2
+    assert "bert.encoder.layer.0.attention.self.query.weight" in tensors(sst2.path)
+    assert "encoder.layer.0.attention.self.query.weight" in tensors(entry.base_path)  # no bert. prefix
+    assert_differs_from_base(entry)
+    assert sst2.metric == "accuracy" and entry.tasks["cola"].metric == "matthews_correlation"
+    examples = read_tsv(Path(sst2.data["data_dir"]) / "sst2" / "validation.tsv", GLUE_TASKS["sst2"])
+    assert len(examples) == sst2.data["num_examples"]
+    assert sst2.finetuned_score > sst2.base_score + 0.05
+
+
+def test_t5_loads_and_generates_label_words(fast_zoo):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    entry = fast_zoo("t5")
+    tokenizer = AutoTokenizer.from_pretrained(entry.base_path)
+    assert tokenizer.decode(tokenizer("not_entailment", add_special_tokens=False)["input_ids"]) == "not_entailment"
+    assert_differs_from_base(entry)
+    model = AutoModelForSeq2SeqLM.from_pretrained(entry.tasks["sst2"].path)
+    assert model.config.d_model == 128
+    # The base was never taught label words, so it scores no better than the fine-tuned model.
+    for task in entry.tasks.values():
+        assert task.finetuned_score >= task.base_score
+
+
+def test_gpt_beats_base_and_lm_eval_task_loads(fast_zoo):
+    from transformers import AutoModelForCausalLM
+
+    entry = fast_zoo("gpt")
+    assert_differs_from_base(entry)
+    sst2 = entry.tasks["sst2"]
+    AutoModelForCausalLM.from_pretrained(sst2.path)
+    assert sst2.finetuned_score > sst2.base_score + 0.1
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(sst2.data["include_path"]))
+    assert sst2.data["task"] in manager.all_tasks
+    docs = manager.load_task_or_group([sst2.data["task"]])[sst2.data["task"]]
+    assert len(list(docs.validation_docs())) == sst2.data["num_examples"]
+
+
+def test_second_call_is_cached(fast_zoo, zoo_cache):
+    entry = fast_zoo("vit")
+    mtime = (entry.root / "zoo.json").stat().st_mtime_ns
+    assert build_zoo("vit", "fast", cache_dir=zoo_cache, progress=False) == entry
+    assert (entry.root / "zoo.json").stat().st_mtime_ns == mtime
+
+
+def test_incomplete_zoo_is_rebuilt_bit_identical(fast_zoo, tmp_path):
+    """A zoo missing a file is rebuilt, and the same seed reproduces every weight exactly."""
+    import shutil
+
+    first = fast_zoo("vit")
+    shutil.copytree(first.root, tmp_path / "zoo" / "vit-fast-s0")
+    (tmp_path / "zoo" / "vit-fast-s0" / "tasks" / "parity" / "model.safetensors").unlink()
+    assert read_manifest(tmp_path / "zoo" / "vit-fast-s0") is None
+    again = build_zoo("vit", "fast", cache_dir=tmp_path, progress=False)
+    pairs = [(first.base_path, again.base_path)] + [(t.path, again.tasks[n].path) for n, t in first.tasks.items()]
+    for a, b in pairs:
+        ta, tb = tensors(a), tensors(b)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), b
+    assert [t.finetuned_score for t in again.tasks.values()] == [t.finetuned_score for t in first.tasks.values()]
+
+
+def test_missing_glue_data_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTADCT_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ZooDataError, match=r"GLUE sst2 train data not found: no file .*nowhere/glue/sst2/train.tsv"):
+        build_zoo("minilm", "fast", cache_dir=tmp_path, progress=False)
+    assert not (tmp_path / "zoo" / "minilm-fast-s0").exists()  # no half zoo left behind
+    assert main(["--cache-dir", str(tmp_path), "build", "gpt", "--quiet"]) == 1
+
+
+def test_unknown_family_and_mode():
+    with pytest.raises(ZooError, match="unknown zoo family 'bert'"):
+        build_zoo("bert")
+    with pytest.raises(ZooError, match="unknown zoo mode 'slow'"):
+        build_zoo("vit", mode="slow")
+
+
+def test_cli_list_prints_scores(fast_zoo, zoo_cache, capsys):
+    entry = fast_zoo("vit")
+    assert main(["--cache-dir", str(zoo_cache), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "vit-fast-s0" in out and f"fine-tuned {entry.tasks['digits'].finetuned_score:7.4f}" in out
