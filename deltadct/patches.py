@@ -72,10 +72,10 @@ def allocate(scores: torch.Tensor, counts: list[int], bit_classes: tuple[int, ..
     Sorting is stable (ties keep patch order) so the same scores always give the same allocation.
     """
     order = torch.sort(scores, descending=True, stable=True).indices
-    ranked_bits = torch.repeat_interleave(
-        torch.tensor(bit_classes, dtype=torch.uint8, device=scores.device),
-        torch.tensor(counts, device=scores.device),
-    )
+    # filled on the device from host ints: a host->device copy or a tensor-count repeat_interleave
+    # would each stall a CUDA stream once per layer
+    ranked_bits = torch.cat([torch.full((c,), b, dtype=torch.uint8, device=scores.device)
+                             for b, c in zip(bit_classes, counts)])
     bits = torch.empty_like(ranked_bits)
     bits[order] = ranked_bits
     return bits
