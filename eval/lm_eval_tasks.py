@@ -4,7 +4,8 @@ The model is wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)``; tasks c
 (``tasks``), else the data spec (``task``/``tasks``), else the context's task name. ``include_path``
 (options or data spec) adds local YAML task folders, e.g. the one the zoo's gpt family ships.
 Metrics come back flat as ``<task>/<metric>`` (``<task>/<metric>_<filter>`` for filters other than
-``none``); ``score`` is the mean over the requested tasks of their ``metric`` (default ``acc``).
+``none``); ``score`` is the mean over the requested tasks of their ``metric`` (option, else the data
+spec's ``lm_eval_metric``, else ``acc``).
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ class LMEvalOptions(EvalOptions):
     batch_size: int = 8
     #: extra folder of lm-eval YAML tasks (added to the data spec's ``include_path``)
     include_path: str | None = None
-    #: the metric averaged into ``score``
-    metric: str = "acc"
+    #: the metric averaged into ``score``; None = the data spec's ``lm_eval_metric``, else ``acc``
+    metric: str | None = None
     #: bootstrap resamples for stderr (0 = no stderr; faster)
     bootstrap_iters: int = 0
 
@@ -91,4 +92,5 @@ class LMEvalEvaluator(Evaluator):
                                       random_seed=opts.seed, numpy_random_seed=opts.seed,
                                       torch_random_seed=opts.seed, fewshot_random_seed=opts.seed)
         flat = flatten_results(out["results"])
-        return {**flat, "score": headline(flat, tasks, opts.metric)}
+        metric = opts.metric or ctx.data.get("lm_eval_metric") or "acc"
+        return {**flat, "score": headline(flat, tasks, metric)}

@@ -35,7 +35,7 @@ def test_reproduces_the_zoo_accuracies(vit):
         assert metrics["accuracy"] == pytest.approx(task.finetuned_score, abs=1e-6), task.name
         assert metrics["score"] == metrics["accuracy"]
     parity = vit.tasks["parity"]  # the `zero` reconstruction: base body + fine-tuned head
-    base = vision().evaluate(zero_reconstruction("timm_vit", vit, parity), context(parity))
+    base = vision().evaluate(zero_reconstruction("timm_vit", "vit", "parity"), context(parity))
     assert base["accuracy"] == pytest.approx(parity.base_score, abs=1e-6)
 
 
