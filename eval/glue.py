@@ -99,8 +99,10 @@ def load_glue_split(task: GlueTask, split: str, data_dir: str | Path | None):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EvalError(f"GLUE {task.name} {split}: datasets.load_dataset('glue', {task.name!r}) failed "
                         f"({reason}); pass data_dir=<folder with {task.name}/{split}.tsv> to use local files")
-    texts = [tuple(r[c] for c in task.text_columns) for r in ds]
-    return texts, [float(r["label"]) if task.label_names is None else int(r["label"]) for r in ds]
+    labels = [float(r["label"]) if task.label_names is None else int(r["label"]) for r in ds]
+    if task.label_names is not None and any(label < 0 for label in labels):
+        raise EvalError(f"GLUE {task.name} {split} has no labels (GLUE test sets are hidden); use a validation split")
+    return [tuple(r[c] for c in task.text_columns) for r in ds], labels
 
 
 def default_template(task: GlueTask) -> str:

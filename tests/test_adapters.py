@@ -162,6 +162,13 @@ def test_beit3_state_dict_compress_apply_round_trip(tmp_path):
         error = torch.linalg.norm(state[name] - finetuned[name]) / torch.linalg.norm(delta_true)
         assert 0 < error < 1  # compressed: lossy, but much closer than the base
 
+    from eval import EvalContext, get_evaluator
+
+    reference = adapter.load(tmp_path / "finetuned.pth")
+    metrics = get_evaluator("reconstruction")().evaluate(model, EvalContext("vqa", {}, adapter="beit3_state_dict",
+                                                                            reference=reference))
+    assert 0 < metrics["rel_error"] < 1 and "logit_kl" not in metrics  # no model code: weights only
+
     saved = adapter.save(model, tmp_path / "reconstructed.pth")
     reread = open_checkpoint(saved)
     assert set(reread.keys()) == set(finetuned)
