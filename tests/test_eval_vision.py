@@ -90,3 +90,34 @@ def test_bad_inputs(vit, tmp_path):
         vision().evaluate(model, EvalContext("digits", digits.data))
     with pytest.raises(EvalError, match="data kind 'webdataset' is not supported"):
         vision().evaluate(model, EvalContext("digits", {"kind": "webdataset"}, context(digits).processor))
+
+
+def test_hf_image_classifier_on_an_image_folder(tmp_path):
+    """The hf_vit path: AutoImageProcessor + AutoModelForImageClassification, RGB images, sorted classes.
+    Images are filed under the class the model predicts for them, one deliberately in a wrong folder."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    adapter = get_adapter("hf_vit")
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(30)]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+        model.classifier.bias.sub_(logits.mean(0))  # centre the random model's logits: all classes predicted
+        predicted = model(pixel_values=pixels).logits.argmax(-1)
+    path = adapter.save(model, tmp_path / "ft")
+    processor.save_pretrained(path)
+    processor = adapter.load_processor(path)
+    names = ["ants", "bees", "cats"]  # sorted folder names = class ids
+    assert set(predicted.tolist()) == {0, 1, 2}
+    for i, (img, label) in enumerate(zip(images, predicted.tolist())):
+        folder = names[(label + 1) % 3] if i == 0 else names[label]
+        (tmp_path / "val" / folder).mkdir(parents=True, exist_ok=True)
+        img.save(tmp_path / "val" / folder / f"{i}.png")
+    loaded = adapter.load_with_state_dict(path, dict(model.state_dict()))
+    ctx = EvalContext("toy", {"kind": "imagefolder", "root": tmp_path / "val"}, processor, "hf_vit")
+    assert vision().evaluate(loaded, ctx)["accuracy"] == pytest.approx(29 / 30, abs=1e-12)
