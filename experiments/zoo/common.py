@@ -172,6 +172,8 @@ def atomic_build_dir(final: Path) -> Iterator[Path]:
     Call it under :func:`build_lock`.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    for orphan in final.parent.glob(f".{final.name}.building-*"):  # left by a killed build; we hold the lock
+        shutil.rmtree(orphan, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a zoo is as readable as any cache entry
     try:

@@ -30,10 +30,10 @@ PROMPTS = {
 }
 # (pre-training steps, {task: fine-tuning steps}, eval examples or None for all)
 SCHEDULE = {
-    "fast": (150, {"sst2": 100, "cola": 20}, 128),
+    "fast": (100, {"sst2": 100, "cola": 20}, 128),
     "full": (3000, {"sst2": 1500, "cola": 600}, None),
 }
-BATCH, LR_PRETRAIN, LR_FINETUNE = 32, 2e-3, 5e-4
+BATCH, LR_PRETRAIN, LR_FINETUNE = 32, 2e-3, 2e-3
 
 
 def train_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
