@@ -301,7 +301,12 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
 
 # --------------------------------------------------------------------------- entry point
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: relative ones resolve against the module's package when started as the
+# `deltadct-run` console script (Hydra then looks for a `conf` package), and conf/ lives next to it.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import to_absolute_path

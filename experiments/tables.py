@@ -197,6 +197,9 @@ def plot(table: Table, out_dir: Path) -> list[Path]:
         reference = [row.average(table.tasks) for row in table.rows if row.method == REFERENCE_METHOD]
         if reference and reference[0] is not None:
             ax.axhline(reference[0], color="gray", linestyle="--", label=REFERENCE_METHOD)
+        bits = [b for b, _, _ in points if b > 0]
+        if bits and max(bits) / min(bits) > 16:  # e.g. 1-bit methods next to the uncompressed 32-bit delta
+            ax.set_xscale("log", base=2)
         ax.set_xlabel("measured bits/param")
         ax.set_ylabel(f"average {table.metric}")
         ax.legend(fontsize=7)

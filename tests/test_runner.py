@@ -1,7 +1,7 @@
 """deltadct-run: config validation before any load, records, skip/resume of sweeps, W&B offline, tables.
 
 Runs on the fast ViT zoo (built once into the shared $DELTADCT_CACHE) with small eval subsets, in
-process through Hydra's compose API and as ``python -m experiments.run`` subprocesses.
+process through Hydra's compose API and as ``deltadct-run`` subprocesses started in a temp dir.
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def _compose(overrides: list[str], *, hydra_config: bool = False):
 
 def _cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=cwd, env=env, text=True,
+    script = Path(sys.executable).with_name("deltadct-run")  # the console script users run, from another cwd
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "experiments.run"]
+    return subprocess.Popen([*command, *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
