@@ -78,3 +78,15 @@ def test_other_metric_and_family_filter(store, tmp_path, capsys):
 def test_missing_store_is_one_clear_error(tmp_path, capsys):
     assert main(["--store", str(tmp_path / "none.jsonl")]) == 1
     assert "no result store" in capsys.readouterr().err
+
+
+def test_ratio_sweep_is_plotted_against_the_2bit_share(tmp_path):
+    store = ResultStore(tmp_path / "r.jsonl")
+    for share, score in ((0.1, 0.7), (0.3, 0.8), (0.5, 0.75)):
+        store.append(_record("deltadct", "parity", score, 1.0, ratios=[share, 1 - 2 * share, share]))
+    out = tmp_path / "t"
+    assert main(["--store", str(store.path), "--out", str(out)]) == 0
+    rows = list(csv.reader(io.StringIO((out / "table.csv").read_text())))
+    assert [r[0] for r in rows[1:]] == ["deltadct (ratios=0.1/0.8/0.1)", "deltadct (ratios=0.3/0.4/0.3)",
+                                        "deltadct (ratios=0.5/0/0.5)"]
+    assert (out / "score_vs_2bit_share.png").read_bytes()[:4] == b"\x89PNG"
