@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Re-run every committed study on the offline zoo, then rebuild its tables (results/README.md).
+#   results/reproduce.sh              # every stage: vit rd minilm t5 gpt tables (about an hour on 2 busy cores)
+#   results/reproduce.sh vit tables   # some stages; `tables` only rebuilds Markdown/CSV/PNG from the records
+# Runs already in a store are skipped by the runner, so a killed run resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+PY=${PYTHON:-python}
+
+# study store -> "zoo pair, zoo mode, eval bounds"
+VIT="model=zoo_vit zoo.mode=full store.path=results/zoo_vit/records.jsonl"
+MINILM="model=zoo_minilm zoo.mode=${MINILM_MODE:-fast} store.path=results/zoo_minilm/records.jsonl eval.glue.max_samples=512"
+T5="model=zoo_t5 zoo.mode=fast store.path=results/zoo_t5/records.jsonl"
+GPT="model=zoo_gpt zoo.mode=fast store.path=results/zoo_gpt/records.jsonl"
+
+sweep() { $PY -m experiments.run -m keep_deltas=false "$@"; }
+single() { $PY -m experiments.run hydra.mode=RUN keep_deltas=false "$@"; }
+
+vit() {
+  # paper table: every method at ~1 bit/param (ViT-L/14 and BEiT-3 presets map to this same zoo pair)
+  sweep experiment=vision_vit_b32 $VIT
+  # ablations on all ViT zoo tasks, plus the base model as the floor of the rescale ablation
+  for preset in ablation_patch_size ablation_ratio ablation_importance ablation_rescale; do
+    sweep experiment=$preset $VIT
+  done
+  single experiment=ablation_rescale method=zero $VIT
+  sweep experiment=ablation_dct $VIT tasks=null
+}
+
+rd() {
+  # rate-distortion study: every method from 0.5 to 4 bits/param (DARE with 3 seeds) on the ViT zoo
+  $PY -m experiments.rate_distortion --model zoo_vit --zoo-mode full --out results/rate_distortion
+}
+
+minilm() {
+  sweep experiment=glue_roberta_base $MINILM
+  sweep experiment=ablation_rescale $MINILM
+  single experiment=ablation_rescale method=zero $MINILM
+}
+
+t5() {  # the paper's DCT ablation is on T5 CoLA
+  sweep experiment=glue_t5_base $T5
+  sweep experiment=ablation_dct $T5
+}
+
+gpt() {  # llm_code and llm_chat map to this same zoo pair as llm_math
+  sweep experiment=llm_math $GPT
+}
+
+tables() {
+  for store in results/*/records.jsonl; do
+    study=$(dirname "$store")
+    [ "$study" = results/rate_distortion ] && continue
+    for experiment in $($PY -c "import sys; from experiments.store import ResultStore
+print(' '.join(sorted({r['experiment'] for r in ResultStore(sys.argv[1]).records()})))" "$store"); do
+      $PY -m experiments.tables --store "$store" --experiment "$experiment" > /dev/null
+      $PY -m experiments.tables --store "$store" --experiment "$experiment" --metric reconstruction/score \
+        --no-plots > /dev/null
+    done
+  done
+  $PY -m experiments.rate_distortion --plot-only --out results/rate_distortion
+}
+
+if [ $# -eq 0 ]; then set -- vit rd minilm t5 gpt tables; fi
+for stage in "$@"; do
+  case "$stage" in
+    vit|rd|minilm|t5|gpt|tables) "$stage" ;;
+    *) echo "usage: results/reproduce.sh [vit|rd|minilm|t5|gpt|tables]..." >&2; exit 2 ;;
+  esac
+done
