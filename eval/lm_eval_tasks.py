@@ -77,7 +77,10 @@ class LMEvalEvaluator(Evaluator):
         for path in include:
             if not Path(path).is_dir():
                 raise EvalError(f"lm-eval include_path {path} is not a folder")
-        manager = TaskManager(include_path=include or None)
+        # Indexing lm-eval's thousands of built-in task YAMLs takes seconds: skip it when local tasks suffice.
+        manager = TaskManager(include_path=include, include_defaults=False) if include else None
+        if manager is None or any(t not in manager.all_tasks for t in tasks):
+            manager = TaskManager(include_path=include or None)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise EvalError(f"unknown lm-eval task(s) {unknown}" + (f" (searched lm-eval's tasks and {include})"
