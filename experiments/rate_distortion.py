@@ -103,20 +103,31 @@ def _plain(value: Any) -> Any:
     return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
-def _label(method: str, options: dict[str, Any]) -> str:
-    """The method and its options that differ from the method's defaults (seed left out: seeds are averaged)."""
+def _changed(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options that differ from the method's defaults (seed left out: seeds are averaged)."""
     from deltadct.methods import get_method_class
 
     defaults = get_method_class(method).Config().to_dict()
-    shown = {k: v for k, v in options.items() if k != "seed" and _plain(v) != _plain(defaults.get(k))}
-    return method + ("" if not shown else
+    return {k: v for k, v in options.items() if k != "seed" and _plain(v) != _plain(defaults.get(k))}
+
+
+def _label(method: str, changed: dict[str, Any]) -> str:
+    return method + ("" if not changed else
                      " (" + ", ".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
-                                      for k, v in shown.items()) + ")")
+                                      for k, v in changed.items()) + ")")
+
+
+#: options that make a setting its own curve rather than a point on its method's curve
+SERIES_OPTIONS = ("rescale",)
+
+
+def _series(method: str, changed: dict[str, Any]) -> str:
+    return _label(method, {k: v for k, v in changed.items() if k in SERIES_OPTIONS})
 
 
 def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | None]:
     """One row per setting: mean over tasks of bits/param, weight error and score (seeds averaged),
-    plus the uncompressed model's mean score."""
+    plus the uncompressed model's mean score. ``series`` names the curve a setting belongs to."""
     latest: dict[str, dict] = {}
     for r in records:
         if r.get("experiment") == EXPERIMENT:
@@ -127,9 +138,11 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
         if r["method"] == REFERENCE_METHOD:
             reference[r["task"]].append(r["score"])
             continue
-        groups[(r["method"], _label(r["method"], r["method_options"]))][r["method_options"].get("seed", 0)].append(r)
+        changed = _changed(r["method"], r["method_options"])
+        key = (r["method"], _series(r["method"], changed), _label(r["method"], changed))
+        groups[key][r["method_options"].get("seed", 0)].append(r)
     rows = []
-    for (method, label), by_seed in groups.items():
+    for (method, series, label), by_seed in groups.items():
         per_seed = []
         for seed_records in by_seed.values():
             per_seed.append({
@@ -138,7 +151,7 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
                 "score": statistics.fmean(float(r["score"]) for r in seed_records),
                 "tasks": len(seed_records),
             })
-        row = {"method": method, "setting": label, "seeds": len(per_seed), "tasks": per_seed[0]["tasks"]}
+        row = {"method": method, "series": series, "setting": label, "seeds": len(per_seed), "tasks": per_seed[0]["tasks"]}
         for key in ("bits_per_param", "rel_error", "score"):
             values = [p[key] for p in per_seed]
             row[key] = statistics.fmean(values)
@@ -153,7 +166,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
     from deltadct.io import atomic_write_text
     import io
 
-    columns = ["method", "setting", "bits_per_param", "rel_error", "score", "bits_per_param_std", "rel_error_std",
+    columns = ["method", "series", "setting", "bits_per_param", "rel_error", "score", "bits_per_param_std", "rel_error_std",
                "score_std", "seeds", "tasks"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -173,13 +186,13 @@ def plot(rows: Sequence[dict], reference: float | None, path: Path, *, title: st
 
     fig, (ax_err, ax_score) = plt.subplots(1, 2, figsize=(11, 4.2))
     zero = [r for r in rows if r["method"] == "zero"]
-    for method in sorted({r["method"] for r in rows} - set(ENDS)):
-        mine = sorted((r for r in rows if r["method"] == method and r["bits_per_param"] <= max_bits),
+    for series in sorted({r["series"] for r in rows if r["method"] not in ENDS}):
+        mine = sorted((r for r in rows if r["series"] == series and r["bits_per_param"] <= max_bits),
                       key=lambda r: r["bits_per_param"])
         if not mine:
             continue
-        style = dict(marker="o", linestyle="-" if len(mine) > 1 else "none", label=method)
-        if method == "deltadct":  # the paper's 2/1/0 ladder and the variants, as points on one curve
+        style = dict(marker="o", linestyle="-" if len(mine) > 1 else "none", label=series)
+        if series == "deltadct":  # the paper's method with its own rescale, at several ratio/width settings
             style.update(linewidth=2.2, color="black")
         bits = [r["bits_per_param"] for r in mine]
         ax_err.plot(bits, [r["rel_error"] for r in mine], **style)

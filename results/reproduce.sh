@@ -19,13 +19,13 @@ single() { $PY -m experiments.run hydra.mode=RUN keep_deltas=false "$@"; }
 
 vit() {
   # paper table: every method at ~1 bit/param (ViT-L/14 and BEiT-3 presets map to this same zoo pair)
-  sweep experiment=vision_vit_b32 $VIT
+  sweep experiment=vision_vit_b32 $VIT "table.title='Vision table on the ViT zoo (stand-in for CLIP ViT-B/32): every method at ~1 bit/param'"
   # ablations on all ViT zoo tasks, plus the base model as the floor of the rescale ablation
   for preset in ablation_patch_size ablation_ratio ablation_importance ablation_rescale; do
     sweep experiment=$preset $VIT
   done
   single experiment=ablation_rescale method=zero $VIT
-  sweep experiment=ablation_dct $VIT tasks=null
+  sweep experiment=ablation_dct $VIT tasks=null "table.title='Delta-DCT with and without the DCT (ViT zoo, all tasks)'"
 }
 
 rd() {
@@ -34,18 +34,18 @@ rd() {
 }
 
 minilm() {
-  sweep experiment=glue_roberta_base $MINILM
+  sweep experiment=glue_roberta_base $MINILM "table.title='GLUE table on the MiniLM zoo (stand-in for RoBERTa-base): every method at ~1 bit/param'"
   sweep experiment=ablation_rescale $MINILM
   single experiment=ablation_rescale method=zero $MINILM
 }
 
 t5() {  # the paper's DCT ablation is on T5 CoLA
-  sweep experiment=glue_t5_base $T5
-  sweep experiment=ablation_dct $T5
+  sweep experiment=glue_t5_base $T5 "table.title='GLUE table on the T5 zoo (stand-in for T5-base): every method at ~1 bit/param'"
+  sweep experiment=ablation_dct $T5 "table.title='Delta-DCT with and without the DCT (T5 zoo, CoLA)'"
 }
 
 gpt() {  # llm_code and llm_chat map to this same zoo pair as llm_math
-  sweep experiment=llm_math $GPT
+  sweep experiment=llm_math $GPT "table.title='LLM table on the GPT zoo (stand-in for WizardMath/Llama-2): every method at ~1 bit/param'"
 }
 
 tables() {
