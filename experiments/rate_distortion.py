@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import statistics
 import sys
 import tempfile
@@ -151,7 +152,8 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
                 "score": statistics.fmean(float(r["score"]) for r in seed_records),
                 "tasks": len(seed_records),
             })
-        row = {"method": method, "series": series, "setting": label, "seeds": len(per_seed), "tasks": per_seed[0]["tasks"]}
+        row = {"method": method, "series": series, "setting": label, "seeds": len(per_seed),
+               "tasks": per_seed[0]["tasks"]}
         for key in ("bits_per_param", "rel_error", "score"):
             values = [p[key] for p in per_seed]
             row[key] = statistics.fmean(values)
@@ -164,10 +166,9 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
     from deltadct.io import atomic_write_text
-    import io
 
-    columns = ["method", "series", "setting", "bits_per_param", "rel_error", "score", "bits_per_param_std", "rel_error_std",
-               "score_std", "seeds", "tasks"]
+    columns = ["method", "series", "setting", "bits_per_param", "rel_error", "score", "bits_per_param_std",
+               "rel_error_std", "score_std", "seeds", "tasks"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -229,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-only", action="store_true", help="only rebuild CSV and PNG from the records")
     args = parser.parse_args(argv)
 
+    from hydra.errors import HydraException
+
     from deltadct.errors import DeltaDCTError
 
     out = Path(args.out)
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             run_jobs(EXPERIMENT, jobs, out / "records.jsonl", model=args.model, zoo_mode=args.zoo_mode,
                      extra=args.override)
         rows, reference = summarise(ResultStore(out / "records.jsonl").records())
-    except DeltaDCTError as err:
-        print(f"rate_distortion: error: {err}", file=sys.stderr)
+    except (DeltaDCTError, HydraException) as err:  # bad model / method option: one line, no traceback
+        print(f"rate_distortion: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
     if not rows:
         print(f"rate_distortion: error: no {EXPERIMENT} records in {out / 'records.jsonl'}", file=sys.stderr)

@@ -29,8 +29,9 @@ RESULTS = Path(os.environ.get("DELTADCT_RESULTS", REPO / "results"))
 OUT = Path(os.environ.get("DELTADCT_NB_OUT", REPO / "results" / "figures"))
 MODEL = os.environ.get("DELTADCT_NB_MODEL", "zoo_vit")
 ZOO_MODE = os.environ.get("DELTADCT_NB_ZOO_MODE", "fast")
-#: a quick run when the notebook has to compute its own rows: one task, small evaluation subsets
-QUICK = ["tasks=[parity]", "eval.vision.max_samples=64", "eval.vision.progress=false", "eval.reconstruction.num_inputs=0"]
+#: a quick run when the notebook has to compute its own rows (zoo_vit): one task, 64 images, weight errors only
+QUICK = ["tasks=[parity]", "eval.vision.max_samples=64", "eval.vision.progress=false",
+         "eval.reconstruction.num_inputs=0"]
 
 
 def stored_records(results: Path = RESULTS) -> list[dict]:
