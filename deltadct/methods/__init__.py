@@ -38,8 +38,17 @@ def create_method(name: str, config: Mapping[str, Any] | None = None, **override
     return get_method_class(name)(config, **overrides)
 
 
-# Import every method module so it registers itself.
-from . import deltadct as _deltadct  # noqa: E402,F401
+def _import_all() -> None:
+    """Import every module of this package so each method registers itself (no list to keep in sync)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
 
 __all__ = ["Compressed", "Method", "MethodConfig", "register_method", "list_methods",
            "get_method_class", "create_method"]
