@@ -15,6 +15,7 @@ Layout of the fields one layer writes:
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,44 @@ import torch
 from . import patches as P
 from . import quant as Q
 from .transforms import dct2, idct2
+
+
+#: CUDA tensors take the fused Triton kernels of :mod:`deltadct.kernels` where they apply; False
+#: forces the torch path on every device (the reference the kernels are checked against)
+use_fused_kernels = True
+#: where the fused path applies, methods replay each matrix shape's encode/decode as one CUDA graph
+#: (:mod:`deltadct.graphs`); False issues its ops one by one (same bytes, more host time)
+use_cuda_graphs = True
+
+
+@functools.lru_cache(maxsize=1)
+def _load_kernels():
+    try:
+        from . import kernels
+    except ImportError:  # no Triton (CPU-only installs): the torch path serves every device
+        return None
+    return kernels
+
+
+def _fused_kernels(device: torch.device, shape: tuple[int, int], patch_size: int, max_width: int):
+    """The kernels module when the fused path applies to this layer, else None."""
+    if not (use_fused_kernels and device.type == "cuda"):
+        return None
+    kernels = _load_kernels()
+    return kernels if kernels is not None and kernels.supports(shape, patch_size, max_width) else None
+
+
+def graph_capturable(device: torch.device, shape: tuple[int, int], *, patch_size: int,
+                     bit_widths: tuple[int, ...], rescale: str) -> bool:
+    """Whether encoding and decoding this layer never wait for the host, given the width counts.
+
+    True when both run on the fused kernels: every width fills whole bytes and the rescale does not
+    need the reconstruction (least squares takes the torch path). Such a layer can be replayed as a
+    CUDA graph when the caller passes ``width_counts`` to :func:`encode_layer`.
+    """
+    kernels = _fused_kernels(device, shape, patch_size, max(bit_widths, default=0))
+    return (kernels is not None and rescale != "lstsq"
+            and all(b == 0 or b in kernels.PACKED_WIDTHS for b in bit_widths))
 
 
 def alloc_bits_for(max_width: int) -> int:
@@ -56,14 +95,17 @@ def _decode_ranges(fields: dict[str, torch.Tensor], count: int, encoding: str, r
     return Q.decode_range_log(fields, count, range_bits)
 
 
-def _width_groups(widths: torch.Tensor, max_width: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+def _width_groups(widths: torch.Tensor, max_width: int, width_counts: list[int] | None = None
+                  ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Row order grouped by width (highest first, patch order inside a group) and each group's slice.
 
-    One stable sort and one small host read (the count per width) replace a ``nonzero`` per width,
-    so a layer costs a single device→host sync wherever it runs.
+    One stable sort and one small host read (the count per width, unless the caller already has it
+    in ``width_counts``) replace a ``nonzero`` per width, so a layer costs at most one device→host
+    sync wherever it runs.
     """
     order = torch.sort(widths, descending=True, stable=True).indices
-    counts = torch.bincount(widths.to(torch.int64), minlength=max_width + 1).tolist()
+    counts = width_counts if width_counts is not None else \
+        torch.bincount(widths.to(torch.int64), minlength=max_width + 1).tolist()
     groups, start = [], 0
     for b in range(max_width, 0, -1):
         if counts[b]:
@@ -79,14 +121,15 @@ def _scatter_kept(values: torch.Tensor, kept_mask: torch.Tensor) -> torch.Tensor
 
 
 def quantize_rows(rows: torch.Tensor, widths: torch.Tensor, *, range_encoding: str, range_bits: int,
-                  max_width: int, dequantized: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                  max_width: int, dequantized: bool = True, width_counts: list[int] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Quantise each row at its width; return the packed fields and (if asked) the dequantised rows.
 
     Rows with width 0 are dropped (dequantised to 0) and cost no side information. All rows are
     quantised in one pass with per-row levels; only the uint8 codes are regrouped by width.
     """
     fields: dict[str, torch.Tensor] = {"alloc": Q.pack_bits(widths, alloc_bits_for(max_width))}
-    order, groups = _width_groups(widths, max_width)
+    order, groups = _width_groups(widths, max_width, width_counts)
     if not groups:
         return fields, (torch.zeros_like(rows) if dequantized else None)
     num_kept = groups[-1][2]
@@ -129,34 +172,111 @@ def rescale_target(delta: torch.Tensor, approx: torch.Tensor | None, mode: str) 
     return None
 
 
-def apply_rescale(approx: torch.Tensor, stored: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """Eq. 6: scale the reconstruction so its mean |Δ̂| equals the stored mean |Δ| (or by the stored factor)."""
+def rescale_factor(approx: torch.Tensor, stored: torch.Tensor | None, mode: str,
+                   abs_sum: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Eq. 6: the factor that makes the reconstruction's mean |Δ̂| the stored mean |Δ| (or the stored
+    least-squares factor); None when nothing is rescaled.
+
+    ``abs_sum``: Σ|Δ̂| when the decoder already has it, saving a pass over ``approx``.
+    """
     if stored is None or mode == "none":
-        return approx
+        return None
     value = stored.to(approx.dtype).reshape(())
     if mode == "mean_abs":
-        current = approx.abs().mean()
-        return approx * torch.where(current > 0, value / current, 1.0)  # no host sync
-    return approx * value
+        current = approx.abs().mean() if abs_sum is None else abs_sum / approx.numel()
+        return torch.where(current > 0, value / current, 1.0)  # no host sync
+    return value
+
+
+def _encode_fused(kernels, matrix: torch.Tensor, widths: torch.Tensor, *, patch_size: int, transform: str,
+                  range_encoding: str, range_bits: int, max_width: int,
+                  width_counts: list[int] | None) -> dict[str, torch.Tensor] | None:
+    """:func:`quantize_rows` of :func:`to_patches` through the kernels; None if a width is not byte-packable."""
+    ranks = kernels.width_ranks(widths, max_width)
+    # field sizes; read back from the device (the layer's one sync) only if the caller does not know them
+    counts = width_counts if width_counts is not None else ranks[:, -1].tolist()
+    if any(counts[b] and b not in kernels.PACKED_WIDTHS for b in range(1, max_width + 1)):
+        return None
+    fields: dict[str, torch.Tensor] = {"alloc": Q.pack_bits(widths, alloc_bits_for(max_width))}
+    num_kept = sum(counts[1:])
+    if num_kept:
+        options = dict(patch_size=patch_size, transform=transform)
+        lo, hi = kernels.kept_ranges(matrix, widths, ranks, num_kept, **options)
+        range_fields, lo, hi = _encode_ranges(lo, hi, range_encoding, range_bits)
+        fields.update(range_fields)
+        fields.update(kernels.encode_codes(matrix, widths, ranks, lo.contiguous(), hi.contiguous(), counts,
+                                           max_width=max_width, **options))
+    return fields
 
 
 def encode_layer(matrix: torch.Tensor, widths: torch.Tensor, *, patch_size: int, transform: str,
-                 range_encoding: str, range_bits: int, max_width: int, rescale: str) -> dict[str, torch.Tensor]:
-    """Compress one (m, n) float matrix given the width of each of its patches."""
-    rows = to_patches(matrix, patch_size, transform)
-    # only the least-squares rescale looks at the reconstruction; mean |Δ| needs the delta alone
-    fields, dequant = quantize_rows(rows, widths, range_encoding=range_encoding, range_bits=range_bits,
-                                    max_width=max_width, dequantized=rescale == "lstsq")
-    approx = from_patches(dequant, tuple(matrix.shape), patch_size, transform) if dequant is not None else None
+                 range_encoding: str, range_bits: int, max_width: int, rescale: str,
+                 width_counts: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Compress one (m, n) float matrix given the width of each of its patches.
+
+    ``width_counts``: the number of patches at each width ``0..max_width`` (the histogram of
+    ``widths``) when the caller knows it on the host; it spares the device→host read that would
+    otherwise stall a CUDA stream once per layer.
+    """
+    fields, approx = None, None
+    # the least-squares rescale needs the reconstruction, which only the torch path builds
+    kernels = _fused_kernels(matrix.device, tuple(matrix.shape), patch_size, max_width) if rescale != "lstsq" else None
+    if kernels is not None:
+        fields = _encode_fused(kernels, matrix.contiguous(), widths, patch_size=patch_size, transform=transform,
+                               range_encoding=range_encoding, range_bits=range_bits, max_width=max_width,
+                               width_counts=width_counts)
+    if fields is None:
+        rows = to_patches(matrix, patch_size, transform)
+        # only the least-squares rescale looks at the reconstruction; mean |Δ| needs the delta alone
+        fields, dequant = quantize_rows(rows, widths, range_encoding=range_encoding, range_bits=range_bits,
+                                        max_width=max_width, dequantized=rescale == "lstsq",
+                                        width_counts=width_counts)
+        if dequant is not None:
+            approx = from_patches(dequant, tuple(matrix.shape), patch_size, transform)
     if rescale != "none":
         fields["scale"] = rescale_target(matrix, approx, rescale)
     return fields
 
 
-def decode_layer(fields: dict[str, torch.Tensor], shape: tuple[int, int], *, patch_size: int, transform: str,
-                 range_encoding: str, range_bits: int, max_width: int, rescale: str) -> torch.Tensor:
+def _decode_fused(kernels, fields: dict[str, torch.Tensor], shape: tuple[int, int], *, patch_size: int,
+                  transform: str, range_encoding: str, range_bits: int,
+                  max_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dequantize_rows` + :func:`from_patches` through the kernels, with no device→host sync."""
+    gr, gc = P.patch_grid(shape, patch_size)
+    widths = Q.unpack_bits(fields["alloc"], alloc_bits_for(max_width), gr * gc)
+    # the number of kept patches follows from the stream sizes, each patch's codes filling whole bytes
+    num_kept = sum(fields[k].numel() * 8 // (int(k[5:]) * patch_size * patch_size) for k in fields
+                   if k.startswith("codes"))
+    if not num_kept:
+        zeros = torch.zeros(shape, dtype=torch.float32, device=widths.device)
+        return zeros, zeros.sum()
+    lo, hi = _decode_ranges(fields, num_kept, range_encoding, range_bits)
+    return kernels.decode(fields, widths, kernels.width_ranks(widths, max_width), lo.contiguous(), hi.contiguous(),
+                          shape, patch_size=patch_size, transform=transform, max_width=max_width)
+
+
+def decode_layer_unscaled(fields: dict[str, torch.Tensor], shape: tuple[int, int], *, patch_size: int,
+                          transform: str, range_encoding: str, range_bits: int, max_width: int,
+                          rescale: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`decode_layer` before its last step: the reconstruction and its rescale factor (or None).
+
+    Kept apart so that a caller who copies the result anyway (a CUDA graph's static output) can fold
+    the rescale into that copy instead of paying a pass of its own.
+    """
+    options = dict(patch_size=patch_size, transform=transform, range_encoding=range_encoding,
+                   range_bits=range_bits, max_width=max_width)
+    kernels = _fused_kernels(fields["alloc"].device, shape, patch_size, max_width)
+    if kernels is not None and all(int(k[5:]) in kernels.PACKED_WIDTHS for k in fields if k.startswith("codes")):
+        approx, abs_sum = _decode_fused(kernels, fields, shape, **options)
+        return approx, rescale_factor(approx, fields.get("scale"), rescale, abs_sum)
     gr, gc = P.patch_grid(shape, patch_size)
     rows = dequantize_rows(fields, gr * gc, patch_size * patch_size, range_encoding=range_encoding,
                            range_bits=range_bits, max_width=max_width)
     approx = from_patches(rows, shape, patch_size, transform)
-    return apply_rescale(approx, fields.get("scale"), rescale)
+    return approx, rescale_factor(approx, fields.get("scale"), rescale)
+
+
+def decode_layer(fields: dict[str, torch.Tensor], shape: tuple[int, int], **options) -> torch.Tensor:
+    """The (m, n) float32 reconstruction of one layer, rescaled; options as for :func:`encode_layer`."""
+    approx, factor = decode_layer_unscaled(fields, shape, **options)
+    return approx if factor is None else approx * factor

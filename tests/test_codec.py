@@ -149,3 +149,21 @@ def test_layer_allocation_counts_per_layer(real_deltas):
     packed = deltadct.create_method("deltadct").compress(delta, name="0.weight")
     widths = Q.unpack_bits(packed.tensors["alloc"], 2, 64)
     assert [(widths == b).sum().item() for b in (2, 1, 0)] == allocation_counts(64, (0.2, 0.6, 0.2)) == [12, 39, 13]
+
+
+@pytest.mark.parametrize("config", [dict(), dict(ratios=(0.1, 0.8, 0.1)), dict(ratios=(0.5, 0.0, 0.5)),
+                                    dict(ratios=(0.3, 0.3, 0.4), bit_widths=(4, 1, 1), budget=1.9),
+                                    dict(allocation="global")])
+def test_host_width_counts_are_the_widths_histogram_and_change_nothing(real_deltas, config):
+    """The counts the method hands the encoder (to spare a device read) are exactly the histogram of
+    the widths it allocated, and encoding with them writes the same bytes as encoding without."""
+    deltas = {k: v for k, v in real_deltas.items() if min(v.shape) >= 16}
+    method = deltadct.create_method("deltadct", **config)
+    method.plan(deltas.items())
+    for name, delta in deltas.items():
+        widths, counts = method.widths_for(method.scores(delta), name)
+        assert counts == torch.bincount(widths.long(), minlength=max(method.config.bit_widths) + 1).tolist()
+        with_counts = codec.encode_layer(delta, widths, width_counts=counts, **method.codec_options())
+        without = codec.encode_layer(delta, widths, **method.codec_options())
+        assert list(with_counts) == list(without)
+        assert all(torch.equal(with_counts[k], without[k]) for k in without)

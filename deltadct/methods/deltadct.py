@@ -9,6 +9,7 @@ are config fields, so a sweep is an override.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,6 +18,7 @@ import torch
 from .. import codec
 from .. import patches as P
 from ..errors import ConfigError
+from ..graphs import GraphCache
 from ..quant import RANGE_ENCODINGS
 from . import register_method
 from .base import Compressed, Method, MethodConfig, as_matrix, check_choice, check_range
@@ -112,24 +114,66 @@ class DeltaDCT(Method):
         widths = P.allocate(all_scores, counts, self.config.bit_widths)
         self._global_widths = dict(zip(names, widths.split([s.numel() for s in scores])))
 
-    def widths_for(self, scores: torch.Tensor, name: str = "") -> torch.Tensor:
+    def widths_for(self, scores: torch.Tensor, name: str = "") -> tuple[torch.Tensor, list[int]]:
+        """Each patch's width, and the number of patches at each width ``0..max(bit_widths)``.
+
+        The counts come from the host (the ratios, or the planned widths kept on the CPU), so the
+        encoder never has to read them back from the device.
+        """
         c = self.config
+        max_width = max(c.bit_widths)
         if c.allocation == "global":
             planned = (self._global_widths or {}).get(name)
             if planned is None or planned.numel() != scores.numel():
                 raise ConfigError(f"allocation='global' needs plan() over all deltas (including {name!r}) "
                                   "before compress()")
-            return planned.to(scores.device)
+            return planned.to(scores.device), torch.bincount(planned.long(), minlength=max_width + 1).tolist()
         counts = P.allocation_counts(scores.numel(), c.ratios)
-        return P.allocate(scores, counts, c.bit_widths)
+        width_counts = [0] * (max_width + 1)
+        for b, count in zip(c.bit_widths, counts):
+            width_counts[b] += count
+        return P.allocate(scores, counts, c.bit_widths), width_counts
+
+    def _graphed(self, device: torch.device, matrix_shape: tuple[int, int]) -> bool:
+        """Whether this layer's encode/decode replay as CUDA graphs (see :mod:`deltadct.graphs`).
+
+        Per-layer allocation only: its width counts follow from the shape, so nothing in the layer
+        waits for the host; a global plan's widths are host tensors that differ per layer.
+        """
+        c = self.config
+        return (codec.use_cuda_graphs and c.allocation == "layer"
+                and codec.graph_capturable(device, matrix_shape, patch_size=c.patch_size,
+                                           bit_widths=tuple(c.bit_widths), rescale=c.rescale)
+                and not torch.cuda.is_current_stream_capturing())
+
+    def _encode(self, delta: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
+        matrix = as_matrix(delta.float())
+        widths, width_counts = self.widths_for(self.scores(matrix), name)
+        return codec.encode_layer(matrix, widths, width_counts=width_counts, **self.codec_options())
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         self.check_shape(tuple(delta.shape), name)
-        matrix = as_matrix(delta.float())
-        widths = self.widths_for(self.scores(matrix), name)
-        return Compressed(codec.encode_layer(matrix, widths, **self.codec_options()))
+        matrix_shape = tuple(as_matrix(torch.empty(tuple(delta.shape), device="meta")).shape)
+        if self._graphed(delta.device, matrix_shape):
+            return Compressed(self._graph_cache.run("encode", self._encode, delta))
+        return Compressed(self._encode(delta, name))
 
     def reconstruct(self, compressed: Compressed, shape) -> torch.Tensor:
         matrix_shape = tuple(as_matrix(torch.empty(tuple(shape), device="meta")).shape)
-        out = codec.decode_layer(compressed.tensors, matrix_shape, **self.codec_options())
+        fields = compressed.tensors
+        options = self.codec_options()
+        if self._graphed(fields["alloc"].device, matrix_shape):
+            names = tuple(fields)
+            # the rescale multiply doubles as the copy out of the graph's static output
+            out = self._graph_cache.run(
+                ("decode", names, matrix_shape),
+                lambda *values: codec.decode_layer_unscaled(dict(zip(names, values)), matrix_shape, **options),
+                *fields.values(),
+                finish=lambda parts: parts[0].clone() if parts[1] is None else parts[0] * parts[1])
+        else:
+            out = codec.decode_layer(fields, matrix_shape, **options)
         return out.reshape(tuple(shape))
+
+    @functools.cached_property
+    def _graph_cache(self) -> GraphCache:
+        return GraphCache()

@@ -166,6 +166,10 @@ class DeltaDCTAuto(DeltaDCT):
                               "tensor before compress()")
         return self._widths[name]
 
+    def _graphed(self, device: torch.device, matrix_shape: tuple[int, int]) -> bool:
+        # widths come from the plan, per tensor and often 3 bits wide: always the op-by-op path
+        return False
+
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         self.check_shape(tuple(delta.shape), name)
         matrix = as_matrix(delta.float())
