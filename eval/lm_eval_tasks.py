@@ -9,7 +9,9 @@ spec's ``lm_eval_metric``, else ``acc``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,23 @@ def headline(flat: dict[str, float], tasks: list[str], metric: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+@contextlib.contextmanager
+def code_execution(allowed: bool):
+    """HF_ALLOW_CODE_EVAL=1 for the duration when ``allowed`` (the code_eval metric checks it)."""
+    if not allowed:
+        yield
+        return
+    previous = os.environ.get("HF_ALLOW_CODE_EVAL")
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HF_ALLOW_CODE_EVAL"]
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = previous
+
+
 @dataclass
 class LMEvalOptions(EvalOptions):
     #: lm-eval task names; empty = the data spec's ``task``/``tasks``, else the context's task
@@ -58,6 +77,9 @@ class LMEvalOptions(EvalOptions):
     metric: str | None = None
     #: bootstrap resamples for stderr (0 = no stderr; faster)
     bootstrap_iters: int = 0
+    #: run tasks that execute model-generated code (HumanEval, MBPP): lm-eval refuses them unless
+    #: confirmed, and its code metric unless HF_ALLOW_CODE_EVAL=1. Only in a sandbox.
+    allow_code_execution: bool = False
 
 
 @register_evaluator
@@ -90,10 +112,18 @@ class LMEvalEvaluator(Evaluator):
             limit = int(limit)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=opts.batch_size)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-request INFO chatter
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=opts.num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=opts.bootstrap_iters,
-                                      random_seed=opts.seed, numpy_random_seed=opts.seed,
-                                      torch_random_seed=opts.seed, fewshot_random_seed=opts.seed)
+        with code_execution(opts.allow_code_execution):
+            try:
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=tasks, num_fewshot=opts.num_fewshot, limit=limit, task_manager=manager,
+                    log_samples=False, bootstrap_iters=opts.bootstrap_iters, random_seed=opts.seed,
+                    numpy_random_seed=opts.seed, torch_random_seed=opts.seed, fewshot_random_seed=opts.seed,
+                    confirm_run_unsafe_code=opts.allow_code_execution)
+            except ValueError as exc:
+                if "marked as unsafe" not in str(exc):
+                    raise
+                raise EvalError(f"lm-eval task(s) {tasks} execute model-generated code; set "
+                                "eval.lm_eval.allow_code_execution=true to run them (in a sandbox)") from None
         flat = flatten_results(out["results"])
         metric = opts.metric or ctx.data.get("lm_eval_metric") or "acc"
         return {**flat, "score": headline(flat, tasks, metric)}

@@ -57,3 +57,22 @@ def test_perplexity_matches_the_model_loss(sst2, tmp_path):
     with pytest.raises(EvalError, match="needs a text file"):
         get_evaluator("perplexity")().evaluate(model, EvalContext("text", {"data_file": tmp_path / "no.txt"},
                                                                   ctx.processor))
+
+
+def test_code_executing_tasks_need_explicit_consent(sst2, tmp_path):
+    """A task marked ``unsafe_code`` (as lm-eval marks humaneval and mbpp) is refused with one clear
+    error unless ``allow_code_execution``, which also sets HF_ALLOW_CODE_EVAL only while it runs."""
+    import os
+
+    model, ctx, task = sst2
+    name = task.data["task"]
+    source = open(os.path.join(task.data["include_path"], f"{name}.yaml"), encoding="utf-8").read()
+    (tmp_path / "unsafe.yaml").write_text(source.replace(f"task: {name}", "task: zoo_unsafe")
+                                          + "unsafe_code: true\n")
+    options = dict(tasks=["zoo_unsafe"], include_path=str(tmp_path), limit=4)
+    with pytest.raises(EvalError, match=r"execute model-generated code; set eval.lm_eval.allow_code_execution"):
+        get_evaluator("lm_eval")(**options).evaluate(model, ctx)
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ
+    metrics = get_evaluator("lm_eval")(allow_code_execution=True, **options).evaluate(model, ctx)
+    assert metrics["score"] == metrics["zoo_unsafe/acc"] and metrics["score"] in (0, 0.25, 0.5, 0.75, 1)
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ
