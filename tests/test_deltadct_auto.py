@@ -183,3 +183,19 @@ def test_norm_weighting_spreads_bits_to_small_layers():
 
     # uniform weighting: the 1000× smaller layer's error is negligible, so it gets (almost) nothing
     assert kept("uniform") < kept("norm")
+
+
+def test_auto_vs_fixed_benchmark_runs_on_a_zoo_pair_with_new_heads(capsys):
+    """benchmarks/auto_vs_fixed.py on the fast ViT zoo, whose task heads differ in shape from the
+    base's: it uses the runner's tensor policy, and every row holds the errors it measured."""
+    from conftest import load_benchmark_module
+
+    bench = load_benchmark_module("auto_vs_fixed")
+    bench.main(["--zoo", "vit:fast", "--tasks", "1", "--targets", "1.0", "--reserve", str(RESERVE)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| vit-fast |")]
+    assert len(rows) == 2  # the 1.0-bit target and the BitDelta-matched row
+    target = rows[0].split("|")
+    fixed_error, fixed_bits = float(target[4].split()[0]), float(target[4].split("(")[1].split(",")[0])
+    auto_error, auto_bits = float(target[6].split()[0]), float(target[6].split("(")[1].rstrip(") "))
+    assert 0 < fixed_error and 0 < auto_error < 2
+    assert auto_bits <= fixed_bits + 1e-9  # auto's budget is the fixed file's measured bits
