@@ -41,11 +41,17 @@ class Plan:
     from_base: list[str]  # not stored: the result takes the base tensor (policy others=drop)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available on this machine")
-    return device
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu`` or ``cuda[:N]`` as a torch device; anything else, or CUDA where there is none, a ConfigError."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a device name; use 'cpu' or 'cuda'") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    return resolved
 
 
 def _as_policy(policy: TensorPolicy | Mapping[str, Any] | None) -> TensorPolicy:
@@ -60,6 +66,7 @@ def plan_tensors(base: CheckpointReader, finetuned: CheckpointReader, method: Me
     check_match(match, extra_keys=policy.extra_keys, missing_keys=policy.missing_keys,
                 base_path=base.path, finetuned_path=finetuned.path)
     plan = Plan([], [], [], [])
+    too_small = None  # the first selected matrix the method refused, if any
     for name, bname in match.pairs.items():
         shape = tuple(finetuned.shape(name))
         # integer/bool tensors (buffers, index tables) are never approximated: a lossy delta would round wrongly
@@ -69,10 +76,14 @@ def plan_tensors(base: CheckpointReader, finetuned: CheckpointReader, method: Me
                 method.check_shape(shape, name)
                 plan.compressed.append(name)
                 continue
-            except ConfigError:
+            except ConfigError as exc:
                 if policy.too_small == "error":
                     raise
+                too_small = too_small or exc
         (plan.kept if policy.others == "keep" else plan.from_base).append(name)
+    if too_small is not None and not plan.compressed:
+        # every selected matrix is below the method's minimum: the "compressed" file would hold none
+        raise ConfigError(f"{too_small}; no tensor of {finetuned.path} can be compressed with these options")
     plan.new = sorted(set(match.extra) | set(match.mismatched)) if policy.extra_keys == "keep" else []
     return match, plan
 
@@ -99,7 +110,7 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
     """
     codec = create_method(method, method_config)
     policy = _as_policy(policy)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if out is not None:
         check_output_path(out, overwrite=overwrite)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
@@ -184,7 +195,7 @@ def iter_applied(base: PathLike | CheckpointReader, delta: PathLike | DeltaFile,
     when the base is not the one the delta was made from. Shapes are checked up front.
     """
     dfile = _as_delta(delta)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     ckpt = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
     header = dfile.header
     where = dfile.path or "the delta"

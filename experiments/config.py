@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from deltadct.api import resolve_device
 from deltadct.errors import ConfigError
 from deltadct.methods import MethodConfig, get_method_class
 from deltadct.policy import TensorPolicy
@@ -135,7 +135,8 @@ class RunSpec:
 
 
 def evaluator_options(cfg: DictConfig, name: str) -> Dict[str, Any]:
-    options = OmegaConf.to_container(cfg.eval.get(name, {}) or {}, resolve=True)
+    section = cfg.eval.get(name)
+    options = {} if section is None else OmegaConf.to_container(section, resolve=True)
     declared = options.pop("name", name)
     if declared != name:
         raise ConfigError(f"eval.{name} declares name {declared!r}; it must match its key {name!r}")
@@ -163,8 +164,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"logger.mode {cfg.logger.mode!r} is not one of {list(WANDB_MODES)}")
     if cfg.zoo.mode not in ZOO_MODES:
         raise ConfigError(f"zoo.mode {cfg.zoo.mode!r} is not one of {list(ZOO_MODES)}")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available on this machine")
+    resolve_device(cfg.device)
     model = cfg.model
     if model.zoo is None and (model.base is None or not model.tasks):
         raise ConfigError(f"model {model.name!r}: set either model.zoo or both model.base and model.tasks")

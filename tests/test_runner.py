@@ -102,6 +102,10 @@ def test_bad_method_option_fails_before_any_model_is_loaded(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "records.jsonl").exists()
     with pytest.raises(ConfigError, match="unknown option"):
         validate(_compose(["method=bitdelta", "+method.patch_size=8"]))
+    with pytest.raises(ConfigError, match="device 'xyz' is not a device name"):
+        validate(_compose([*FAST, "device=xyz"]))
+    with pytest.raises(ConfigError, match="unknown evaluator 'nope'"):
+        validate(_compose([*FAST, "model.evaluators=[nope]"]))
 
 
 def test_unknown_method_is_hydras_missing_config_error():
