@@ -4,8 +4,9 @@ Data spec ``{"kind": "imagefolder", "root": ...}``: ``root/<class>/<image>``, cl
 order (torchvision ``ImageFolder``), or ``{"kind": "datasets", "path": ..., "name": ..., "split": ...,
 "image_column": "image", "label_column": "label"}`` for ``datasets.load_dataset``. With ``"head": <file>``
 (a ``[num_classes, dim]`` tensor of class embeddings, e.g. CLIP text embeddings, in a ``.safetensors`` or
-``.pt`` file) the model's classifier is bypassed: logits = normalised image features @ normalised head.T
-(CLIP-style zero-shot head).
+``.pt`` file) the model's classifier is bypassed: logits = normalised image embedding @ normalised head.T
+(CLIP-style zero-shot head; the embedding is the pooled features, or the model's projection head's
+output where that has the head's width, see :func:`image_features`).
 """
 from __future__ import annotations
 
@@ -54,10 +55,17 @@ def load_head(path: str | Path) -> torch.Tensor:
     return head.float()
 
 
-def image_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """Pooled image features just before the classifier (CLIP-style models: their image embedding)."""
+def image_features(model: nn.Module, pixels: torch.Tensor, dim: int) -> torch.Tensor:
+    """The image embedding a zero-shot head of width ``dim`` scores against.
+
+    timm: the pooled features before the head if they are ``dim`` wide, else the head's output when
+    that is (timm's CLIP image towers, e.g. ``vit_base_patch32_clip_224.openai``, keep CLIP's image
+    projection as their ``head``: 768 → 512, the width of the text embeddings). Hugging Face: CLIP's
+    ``get_image_features``, else the pooled output.
+    """
     if not _is_hf(model):
-        return model.forward_head(model.forward_features(pixels), pre_logits=True)
+        pooled = model.forward_head(model.forward_features(pixels), pre_logits=True)
+        return pooled if pooled.shape[-1] == dim or model.num_classes != dim else model.get_classifier()(pooled)
     if hasattr(model, "get_image_features"):
         return model.get_image_features(pixel_values=pixels)
     out = model.base_model(pixel_values=pixels)
@@ -158,7 +166,7 @@ class VisionEvaluator(Evaluator):
             batch = indices[start:start + size]
             pixels = preprocess(processor, [source.image(i) for i in batch]).to(device)
             if head is not None:
-                features = image_features(model, pixels)
+                features = image_features(model, pixels, head.shape[1])
                 if features.shape[-1] != head.shape[1]:
                     raise EvalError(f"image features have dim {features.shape[-1]} but the zero-shot head "
                                     f"{ctx.data['head']} has dim {head.shape[1]}")

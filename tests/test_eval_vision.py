@@ -78,6 +78,25 @@ def test_zero_shot_head_matches_a_hand_computation(vit, tmp_path):
                                              context(task).processor))
 
 
+def test_zero_shot_head_in_the_projection_space(vit, tmp_path):
+    """A head as wide as the model's own head output scores the projected embedding, as for timm's
+    CLIP towers (their ``head`` is CLIP's image projection, the text embeddings' width)."""
+    task = vit.tasks["digits"]
+    model = get_adapter("timm_vit").load(task.path)
+    x, y = folder_images(Path(task.data["root"]))
+    with torch.no_grad():
+        projected = F.normalize(model(x), dim=-1)  # [N, 10]: this toy model's "projection" is its classifier
+    assert model.num_classes != model.num_features
+    g = torch.Generator().manual_seed(1)
+    head = torch.stack([projected[y == c].mean(0) for c in range(10)]) + 0.05 * torch.randn(10, 10, generator=g)
+    expected = float(((projected @ F.normalize(head, dim=-1).T).argmax(-1) == y).float().mean())
+    save_file({"head": head}, tmp_path / "head.safetensors")
+    metrics = vision().evaluate(model, EvalContext("digits", {**task.data, "head": tmp_path / "head.safetensors"},
+                                                   context(task).processor))
+    assert metrics["accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert expected > 0.5
+
+
 def test_bad_inputs(vit, tmp_path):
     digits, parity = vit.tasks["digits"], vit.tasks["parity"]
     model = get_adapter("timm_vit").load(digits.path)
