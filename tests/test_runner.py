@@ -67,6 +67,7 @@ def test_every_model_pair_composes_and_validates(model):
     cfg = _compose([f"model={model}"])
     spec = validate(cfg)
     assert list(spec.evaluators) == list(cfg.model.evaluators)
+    assert "reconstruction" in spec.evaluators  # the data-free evaluator runs for every pair
     assert (cfg.model.zoo is None) == bool(cfg.model.tasks)
 
 
