@@ -133,6 +133,13 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
         tmp.write_text(text)
 
 
+def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """``fig.savefig`` through a temporary sibling (the format from ``path``'s suffix, e.g. ``.png``)."""
+    path = Path(path)
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
+
+
 class SafetensorsWriter:
     """Append tensors one by one, then :meth:`finish` into a standard ``.safetensors`` file.
 

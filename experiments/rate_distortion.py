@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from deltadct.io import atomic_save_figure, atomic_write_text
 from experiments.store import REFERENCE_METHOD, ResultStore
 
 EXPERIMENT = "rate_distortion"
@@ -165,8 +166,6 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
-    from deltadct.io import atomic_write_text
-
     columns = ["method", "series", "setting", "bits_per_param", "rel_error", "score", "bits_per_param_std",
                "rel_error_std", "score_std", "seeds", "tasks"]
     buf = io.StringIO()
@@ -213,7 +212,7 @@ def plot(rows: Sequence[dict], reference: float | None, path: Path, *, title: st
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

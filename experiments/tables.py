@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from deltadct.io import atomic_write_text
+from deltadct.io import atomic_save_figure, atomic_write_text
 from experiments.store import REFERENCE_METHOD, ResultStore
 
 #: how a list-valued option is put on a plot axis: (file/axis label, value -> number)
@@ -163,7 +163,7 @@ def plot(table: Table, out_dir: Path) -> list[Path]:
     def save(fig, name: str) -> None:
         path = out_dir / f"{name}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        atomic_save_figure(fig, path, dpi=120)
         plt.close(fig)
         written.append(path)
 

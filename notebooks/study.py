@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:  # notebooks run from notebooks/; the project modu
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
+from deltadct.io import atomic_save_figure  # noqa: E402
 from experiments.rate_distortion import run_jobs  # noqa: E402
 from experiments.store import ResultStore  # noqa: E402
 from experiments.tables import Table, build_table, select  # noqa: E402
@@ -62,7 +63,7 @@ def savefig(fig, name: str) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / name
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     print(f"saved {path}")
     return path
 
