@@ -137,6 +137,9 @@ def test_run_records_measured_numbers_and_logs_to_wandb_offline(tmp_path):
     ref, rec = records
     info = deltadct.info(run_dir / "delta_parity.safetensors")
     assert rec["bits_per_param"] == info["bits_per_param"] and rec["file_bytes"] == info["file_bytes"]
+    # per-layer bits and relative error from the file, one entry per compressed tensor
+    assert rec["layers"] == info["layers"] and len(rec["layers"]) == info["num_compressed"]
+    assert all(0 < layer["rel_error"] and 0 < layer["bits_per_param"] for layer in rec["layers"].values())
     assert rec["method_options"]["patch_size"] == 32 and rec["config"]["method"]["patch_size"] == 32
     assert rec["score"] == rec["metrics"]["vision/score"] and 0 <= rec["score"] <= 1
     assert ref["metrics"]["reconstruction/score"] == pytest.approx(0, abs=1e-6)  # the reference vs itself
