@@ -7,7 +7,7 @@ that file's measured bits/param as its budget. Fixed ratios are run with the pap
 (``mean_abs``) and with ``lstsq``, so the table separates the allocation's gain from the rescale's.
 Error = ‖Δ̂ − Δ‖ / ‖Δ‖ over all compressed tensors of a task (global relative error).
 
-    python benchmarks/auto_vs_fixed.py --zoo vit:full --zoo minilm:fast
+    python benchmarks/auto_vs_fixed.py --zoo vit:full
     python benchmarks/auto_vs_fixed.py --pair base.safetensors finetuned.safetensors --targets 0.5 1.0
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", type=int, default=None, help="at most this many tasks per zoo")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     parser.add_argument("--reserve", type=int, default=None,
-                        help="deltadct_auto header_reserve_bytes (lower it for models under ~10 M parameters)")
+                        help="deltadct_auto header_reserve_bytes (default: the method's; compress() measures the header)")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     if args.pair:

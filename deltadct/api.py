@@ -11,6 +11,7 @@ the next is touched, so peak memory is about one layer plus the compressed outpu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -88,6 +89,40 @@ def plan_tensors(base: CheckpointReader, finetuned: CheckpointReader, method: Me
     return match, plan
 
 
+def _header(method: str, codec: Method, policy: TensorPolicy, entries: dict, plan: Plan, match, fingerprint: str,
+            ft_ckpt: CheckpointReader) -> dict:
+    """The deltadct header of a compressed file (before its content checksum)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "config": codec.config.to_dict(),
+        "policy": policy.to_dict(),
+        "entries": entries,
+        "from_base": plan.from_base,
+        "key_map": {"finetuned_prefix": match.finetuned_prefix, "base_prefix": match.base_prefix},
+        "base_fingerprint": fingerprint,
+        "model_config": ft_ckpt.config_json(),
+    }
+
+
+def _fixed_header_bytes(method: str, codec: Method, policy: TensorPolicy, plan: Plan, match,
+                        ft_ckpt: CheckpointReader) -> int:
+    """An upper bound on the file-header bytes that do not belong to a compressed tensor: the header
+    with every kept/new entry (byte counts and offsets at their widest), checksums, and the tensor
+    index of the kept values, each escaped once more as the safetensors metadata string it sits in.
+    Methods that fill a budget measured on disk plan with it (``Method.plan(header_bytes=...)``)."""
+    widest, entries, index = 10 ** 12, {}, {}
+    for kind, names in (("kept", plan.kept), ("new", plan.new)):
+        for name in names:
+            shape, dtype = list(ft_ckpt.shape(name)), dtype_name(ft_ckpt.dtype(name))
+            entries[name] = {"kind": kind, "shape": shape, "dtype": dtype, "fields": [VALUE_FIELD], "bytes": widest}
+            index[tensor_name(name, VALUE_FIELD)] = {"dtype": dtype, "shape": shape, "data_offsets": [widest, widest]}
+    header = _header(method, codec, policy, entries, plan, match, "0" * 64, ft_ckpt)
+    header["content_sha256"] = "0" * 64
+    return len(json.dumps(canonical_json(header))) + len(json.dumps(index))
+
+
 def _check_finite(tensor: torch.Tensor, name: str, where: Any) -> None:
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
@@ -124,7 +159,8 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
             yield name, b, f.to(dev, torch.float32) - b.to(dev, torch.float32)
 
     if codec.needs_plan:
-        codec.plan((name, d) for name, _, d in deltas())
+        codec.plan(((name, d) for name, _, d in deltas()),
+                   header_bytes=_fixed_header_bytes(method, codec, policy, plan, match, ft_ckpt))
 
     spool_dir = None if out is None else (Path(out).parent if str(Path(out).parent) else Path("."))
     writer = SafetensorsWriter(spool_dir)
@@ -155,19 +191,8 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
                 writer.add(tensor_name(name, VALUE_FIELD), value)
                 entries[name] = {"kind": kind, "shape": list(value.shape), "dtype": dtype_name(value.dtype),
                                  "fields": [VALUE_FIELD], "bytes": value.numel() * value.element_size()}
-        header = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "method": method,
-            "config": codec.config.to_dict(),
-            "policy": policy.to_dict(),
-            "entries": entries,
-            "from_base": plan.from_base,
-            "key_map": {"finetuned_prefix": match.finetuned_prefix, "base_prefix": match.base_prefix},
-            "base_fingerprint": fingerprint.hexdigest(),
-            "model_config": ft_ckpt.config_json(),
-        }
-        header = finalize_header(header, writer)
+        header = finalize_header(_header(method, codec, policy, entries, plan, match, fingerprint.hexdigest(),
+                                         ft_ckpt), writer)
         if out is None:
             return in_memory(header, writer)
         with atomic_path(out, overwrite=overwrite) as tmp:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import struct
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from deltadct.methods.base import as_matrix
 from deltadct.quant import unpack_bits
 
 PATCH = 8
-#: the digits pair's header outside the compressed layers' entries is ~1.5 KB (config, policy, kept biases)
+#: at least the digits pair's header outside the compressed layers' entries (~1.5 KB: config, policy,
+#: kept biases), for plans made without compress() measuring it
 RESERVE = 2048
 
 
@@ -89,15 +91,18 @@ def test_greedy_on_hull_is_near_optimal_and_within_budget(seed):
 # -- the method, measured from written files ----------------------------------------------------
 @pytest.mark.parametrize("budget", [0.6, 1.0, 2.0])
 def test_budget_never_exceeded_on_disk(real_pair, real_deltas, tmp_path, budget):
+    """compress() measures the header outside the compressed layers itself: the default reserve suffices."""
     out = tmp_path / "auto.delta.safetensors"
-    compress(real_pair, "deltadct_auto", out=out, budget=budget, header_reserve_bytes=RESERVE)
+    compress(real_pair, "deltadct_auto", out=out, budget=budget)
     dfile = deltadct.load(out)
     assert dfile.info()["bits_per_param"] <= budget
-    # … and spent: only the modelled overheads and less than one patch step (4 bits × 64 + ranges) are left
-    method = create_method("deltadct_auto", patch_size=PATCH, header_reserve_bytes=RESERVE)
+    # … and spent: only the header, the modelled per-layer overheads and less than one patch step
+    # (4 bits × 64 + ranges) are left
+    method = create_method("deltadct_auto", patch_size=PATCH)
     names = dfile.names("compressed")
-    overhead = 8 * RESERVE + sum(method.layer_overhead_bits(n, tuple(real_deltas[n].shape),
-                                                            stored_widths(dfile, n).numel()) for n in names)
+    header_bytes = 8 + struct.unpack("<Q", out.read_bytes()[:8])[0]  # safetensors: length prefix + JSON
+    overhead = 8 * (header_bytes + method.config.header_reserve_bytes) + sum(
+        method.layer_overhead_bits(n, tuple(real_deltas[n].shape), stored_widths(dfile, n).numel()) for n in names)
     payload = sum(dfile.entries[n]["bytes"] * 8 for n in names)
     assert payload >= budget * dfile.info()["num_params"] - overhead - float(method.width_rates()[-1])
 
@@ -191,7 +196,7 @@ def test_auto_vs_fixed_benchmark_runs_on_a_zoo_pair_with_new_heads(capsys):
     from conftest import load_benchmark_module
 
     bench = load_benchmark_module("auto_vs_fixed")
-    bench.main(["--zoo", "vit:fast", "--tasks", "1", "--targets", "1.0", "--reserve", str(RESERVE)])
+    bench.main(["--zoo", "vit:fast", "--tasks", "1", "--targets", "1.0"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| vit-fast |")]
     assert len(rows) == 2  # the 1.0-bit target and the BitDelta-matched row
     target = rows[0].split("|")

@@ -157,8 +157,12 @@ class Method:
             config = self.Config.from_dict(config, **overrides)
         self.config = config
 
-    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Look at every (name, delta) once before compressing; default: nothing to plan."""
+    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]], *, header_bytes: int = 0) -> None:
+        """Look at every (name, delta) once before compressing; default: nothing to plan.
+
+        ``header_bytes``: what the file will spend outside the compressed tensors' own entries
+        (config, policy, kept tensors), for methods that fill a budget measured on disk.
+        """
 
     def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
         """Raise :class:`ConfigError` if a tensor of this shape cannot be compressed (e.g. smaller than a patch)."""

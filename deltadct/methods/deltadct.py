@@ -97,7 +97,7 @@ class DeltaDCT(Method):
     def scores(self, matrix: torch.Tensor) -> torch.Tensor:
         return P.importance(P.patchify(matrix, self.config.patch_size), self.config.importance)
 
-    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]], *, header_bytes: int = 0) -> None:
         """Global allocation: rank every patch of every layer together and keep each layer's widths.
 
         Widths are stored per patch (one byte per p×p patch) rather than as score thresholds, so tied

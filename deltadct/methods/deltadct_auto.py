@@ -6,8 +6,9 @@ bits-per-parameter budget *measured on disk*. ``plan()`` quantises each layer's 
 width with the codec's own quantiser (so the error table is exact, not a model), builds each patch's
 convex rate–distortion hull and fills the budget greedily by error saved per bit across all layers
 (:mod:`deltadct.allocation`). The rate of a width counts codes and range side information; each
-layer's allocation map, scalars, byte rounding and header entries, and a global reserve for the
-rest of the file header, are taken off the budget first. ``compress`` then encodes with the planned
+layer's allocation map, scalars, byte rounding and header entries, and the rest of the file header
+(measured by ``deltadct.compress`` before planning, plus a small reserve), are taken off the budget
+first. ``compress`` then encodes with the planned
 widths through the same codec as ``deltadct``: same fields, same decoder.
 
 Limits: ``plan`` holds 24 bytes per patch (fp32 slope + two uint8 widths per hull step, 4 steps)
@@ -49,9 +50,10 @@ class DeltaDCTAutoConfig(MethodConfig):
     rescale: str = "lstsq"
     range_encoding: str = "log"
     range_bits: int = 6
-    #: bytes set aside for the file header outside the compressed layers' own entries (method config,
-    #: policy, model config.json, entries of kept tensors); raise it for models with huge configs
-    header_reserve_bytes: int = 16384
+    #: bytes set aside beyond what the caller measures of the file header outside the compressed
+    #: layers' entries (``plan(header_bytes=...)``; ``deltadct.compress`` passes it): safetensors
+    #: framing and alignment. Callers of ``plan`` that pass no ``header_bytes`` reserve the header here.
+    header_reserve_bytes: int = 256
 
     def validate(self) -> None:
         check_range("budget", self.budget, 0.0, 16.0, lo_open=True)
@@ -127,12 +129,12 @@ class DeltaDCTAuto(DeltaDCT):
             return 1.0 / sq if sq > 0 else 1.0
         return 1.0
 
-    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def plan(self, deltas: Iterable[tuple[str, torch.Tensor]], *, header_bytes: int = 0) -> None:
         """Choose every patch's width for the whole model at once (see the module docstring)."""
         c = self.config
         rates = self.width_rates()
         names, counts, slopes, froms, tos = [], [], [], [], []
-        num_params, fixed_bits = 0, 8 * c.header_reserve_bytes
+        num_params, fixed_bits = 0, 8 * (header_bytes + c.header_reserve_bytes)
         for name, delta in deltas:
             self.check_shape(tuple(delta.shape), name)
             matrix = as_matrix(delta.float())
