@@ -26,6 +26,9 @@ vit() {
   done
   single experiment=ablation_rescale method=zero $VIT
   sweep experiment=ablation_dct $VIT tasks=null "table.title='Delta-DCT with and without the DCT (ViT zoo, all tasks)'"
+  # data-free automatic allocation at 0.5-2 bits/param, and its error against the best fixed ratios
+  sweep experiment=auto_vs_fixed $VIT
+  $PY benchmarks/auto_vs_fixed.py --zoo vit:full > results/auto_vs_fixed/vit_full.md
 }
 
 rd() {
