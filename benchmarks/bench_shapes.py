@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from deltadct import codec
 from deltadct.methods import create_method, list_methods
 
 MODELS = {
@@ -52,6 +53,11 @@ METHODS = [
     ("bitdelta", "bitdelta", {}),
     ("delta_come", "delta_come", {}),
     ("lowrank", "lowrank", {}),
+]
+#: on CUDA, Delta-DCT p=16 again down the slower code paths (deltadct.codec switches), same bytes
+CUDA_PATHS = [
+    ("deltadct p=16 fused-eager", {"use_cuda_graphs": False}),
+    ("deltadct p=16 torch-ops", {"use_cuda_graphs": False, "use_fused_kernels": False}),
 ]
 REFERENCE = "bitdelta"
 
@@ -134,6 +140,18 @@ class Result:
     peak_bytes: int
     bits_per_param: float
     rel_error: float
+
+
+@contextlib.contextmanager
+def codec_switches(switches: dict[str, bool]):
+    saved = {k: getattr(codec, k) for k in switches}
+    for k, v in switches.items():
+        setattr(codec, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(codec, k, v)
 
 
 def run_method(label: str, name: str, cfg: dict, deltas: list[tuple[str, torch.Tensor]],
@@ -222,6 +240,9 @@ def markdown(results: list[Result], skipped: list[str], *, model: str, layers: i
                  + ("(process RSS, sampled every 5 ms)." if cpu else "(torch.cuda.max_memory_allocated)."))
     if cpu:
         lines.append("CPU-s: process CPU time (all threads); on a shared machine wall time is noisy, CPU time less so.")
+    else:
+        lines.append("deltadct p=16 fused-eager: the fused kernels without CUDA graph replay; torch-ops: neither "
+                     "(`deltadct.codec` switches). All three write the same bytes.")
     if skipped:
         lines.append("Skipped (not registered in this checkout): " + ", ".join(skipped) + ".")
     return "\n".join(lines) + "\n"
@@ -271,14 +292,18 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = None if args.methods is None else {m.strip() for m in args.methods.split(",")}
     results, skipped = [], []
-    for label, name, cfg in METHODS:
+    runs = [(label, name, cfg, {}) for label, name, cfg in METHODS]
+    if device.type == "cuda":
+        runs += [(label, "deltadct", {"patch_size": 16}, switches) for label, switches in CUDA_PATHS]
+    for label, name, cfg, switches in runs:
         if wanted is not None and label not in wanted:
             continue
         if name not in list_methods():
             skipped.append(label)
             print(f"skip {label}: method {name!r} is not registered", file=sys.stderr)
             continue
-        res = run_method(label, name, cfg, deltas, device, args.repeats)
+        with codec_switches(switches):
+            res = run_method(label, name, cfg, deltas, device, args.repeats)
         print(f"{label}: compress {res.compress_s:.3f}s reconstruct {res.reconstruct_s:.3f}s", file=sys.stderr)
         results.append(res)
 
@@ -286,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                      repeats=args.repeats)
     print(table)
     if args.profile:
-        print(profile_deltadct(deltas[: len(layer_shapes)], device, 16))
+        with codec_switches({"use_cuda_graphs": False}):  # op by op, so the table names each op
+            print(profile_deltadct(deltas[: len(layer_shapes)], device, 16))
     slug, _ = device_description(device)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if layers == num_layers else f"-{layers}layers"

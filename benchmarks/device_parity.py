@@ -1,4 +1,7 @@
-"""How far apart CPU and CUDA Delta-DCT encodings of the same delta are (evidence for tests/test_gpu.py).
+"""How far apart Delta-DCT encodings of the same delta are across devices and code paths.
+
+Three encoders: the torch path on the CPU, the torch path on CUDA, and the fused Triton kernels on
+CUDA (the default there). Evidence for tests/test_gpu.py.
 
     python benchmarks/device_parity.py          # Llama-2-7B q_proj and down_proj shapes, p = 8, 16, 32
 """
@@ -7,7 +10,20 @@ from __future__ import annotations
 import torch
 
 from bench_shapes import synthetic_delta  # run as a script: benchmarks/ is on sys.path
+from deltadct import codec
 from deltadct.methods import create_method
+
+
+def compare(name: str, m, a, b, shape, delta) -> None:
+    same_bytes = all(torch.equal(a.tensors[k].cpu(), b.tensors[k].cpu()) for k in a.tensors)
+    alloc = (a.tensors["alloc"].cpu() != b.tensors["alloc"].cpu()).float().mean().item()
+    fields = {k: f"{(a.tensors[k].cpu() != b.tensors[k].cpu()).float().mean().item():.2e}" for k in a.tensors
+              if (k.startswith("codes") or k == "range_codes") and a.tensors[k].shape == b.tensors[k].shape}
+    ra, rb = m.reconstruct(a, shape).cpu(), m.reconstruct(b, shape).cpu()
+    diff = float((ra - rb).norm() / ra.norm())
+    err_a, err_b = (float((r - delta).norm() / delta.norm()) for r in (ra, rb))
+    print(f"  {name}: byte-identical={same_bytes} alloc bytes differing={alloc:.2e} "
+          f"bytes differing={fields} rel(rec diff)={diff:.2e} codec rel error={err_a:.4f} vs {err_b:.4f}")
 
 
 def main() -> None:
@@ -15,16 +31,14 @@ def main() -> None:
         delta = synthetic_delta(shape, 1, torch.device("cpu")).float()
         for p in (8, 16, 32):
             m = create_method("deltadct", patch_size=p)
-            cpu, gpu = m.compress(delta), m.compress(delta.cuda())
-            same_bytes = all(torch.equal(cpu.tensors[k], gpu.tensors[k].cpu()) for k in cpu.tensors)
-            alloc = (cpu.tensors["alloc"] != gpu.tensors["alloc"].cpu()).float().mean().item()
-            codes = {k: (cpu.tensors[k] != gpu.tensors[k].cpu()).float().mean().item()
-                     for k in cpu.tensors if k.startswith("codes") and cpu.tensors[k].shape == gpu.tensors[k].shape}
-            rc, rg = m.reconstruct(cpu, shape), m.reconstruct(gpu, shape).cpu()
-            diff = float((rc - rg).norm() / rc.norm())
-            err = float((rc - delta).norm() / delta.norm())
-            print(f"{shape} p={p}: byte-identical={same_bytes} alloc bytes differing={alloc:.2e} "
-                  f"code bytes differing={codes} rel(rec_gpu-rec_cpu)={diff:.2e} codec rel error={err:.3f}")
+            cpu = m.compress(delta)
+            codec.use_fused_kernels = False
+            gpu_torch = m.compress(delta.cuda())
+            codec.use_fused_kernels = True
+            gpu_fused = m.compress(delta.cuda())
+            print(f"{shape} p={p}")
+            compare("CPU vs CUDA torch path", m, cpu, gpu_torch, shape, delta)
+            compare("CUDA torch path vs CUDA fused kernels", m, gpu_torch, gpu_fused, shape, delta)
 
 
 if __name__ == "__main__":

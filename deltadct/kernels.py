@@ -35,11 +35,12 @@ PATCH_SIZES = (16, 32, 64)
 PACKED_WIDTHS = (1, 2, 4, 8)
 #: element offsets are int32 inside the kernels
 MAX_NUMEL = 2**31 - 1
-#: launch configuration per patch size, from benchmarks/tune_kernels.py on an H200 (11008×4096):
-#: one warp per patch is fastest for all three kernels; small patches need several in flight per
-#: program to hide the latency of their loads
+#: launch configuration per patch size, from benchmarks/tune_kernels.py on an H200 (11008×4096;
+#: results/benchmarks/cuda-nvidia-h200-tune-kernels.txt): one warp per 16×16 or 32×32 patch is
+#: fastest for all three kernels, 16×16 patches need several in flight per program to hide the
+#: latency of their loads, and a 64×64 patch wants four warps
 PATCHES_PER_PROGRAM = {16: 8, 32: 1, 64: 1}
-NUM_WARPS = {16: 1, 32: 1, 64: 8}
+NUM_WARPS = {16: 1, 32: 1, 64: 4}
 
 
 def supports(matrix_shape: tuple[int, int], patch_size: int, max_width: int) -> bool:
