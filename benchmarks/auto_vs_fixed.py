@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -83,17 +82,6 @@ def compare(base, finetuned, targets=TARGETS, reserve: int | None = None, policy
     return rows
 
 
-def zoo_policy(family: str) -> dict:
-    """The tensor policy the runner uses for a zoo family: its adapter's (task heads of another shape
-    than the base's are kept whole, and so stay out of the error)."""
-    from omegaconf import OmegaConf
-
-    from deltadct.adapters import get_adapter
-
-    model = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / f"zoo_{family}.yaml")
-    return dict(get_adapter(model.adapter).policy_defaults)
-
-
 def markdown(model: str, task: str, rows: list[dict]) -> str:
     lines = []
     for r in rows:
@@ -126,7 +114,7 @@ def main(argv=None) -> None:
     if args.pair:
         print(markdown("pair", "-", compare(*args.pair, tuple(args.targets), args.reserve)), flush=True)
         return
-    from experiments.zoo import build_zoo
+    from experiments.zoo import build_zoo, zoo_policy
 
     for spec in args.zoo or ["vit:full", "minilm:fast"]:
         family, mode = spec.split(":")

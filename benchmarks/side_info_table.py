@@ -29,32 +29,32 @@ ENCODINGS = {"fp16 (paper)": dict(range_encoding="fp16"), "log 5-bit": dict(rang
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(base: Path, finetuned: Path, options: dict) -> tuple[float, float]:
-    dfile = deltadct.compress(base, finetuned, progress=False, policy={"extra_keys": "keep"}, **options)
+def measure(base: Path, finetuned: Path, options: dict, policy: dict) -> tuple[float, float]:
+    dfile = deltadct.compress(base, finetuned, progress=False, policy=policy, **options)
     info = dfile.info()
     errors = [layer["rel_error"] for layer in info["layers"].values()]
     return info["bits_per_param"], sum(errors) / len(errors)
 
 
-def real_pair(choice: str, workdir: Path) -> tuple[str, Path, Path]:
+def real_pair(choice: str, workdir: Path) -> tuple[str, Path, Path, dict]:
     if choice in ("auto", "minilm"):
-        from experiments.zoo import build_zoo
+        from experiments.zoo import build_zoo, zoo_policy
         from experiments.zoo.common import read_manifest, zoo_dir
 
         if choice == "minilm" or read_manifest(zoo_dir("minilm", "fast", 0)) is not None:
             entry = build_zoo("minilm", "fast", progress=False)
             task = next(iter(entry.tasks.values()))
-            return f"MiniLM zoo, task {task.name}", entry.base_path, task.path
+            return f"MiniLM zoo, task {task.name}", entry.base_path, task.path, zoo_policy("minilm")
     spec = importlib.util.spec_from_file_location("deltadct_tests_conftest", REPO / "tests" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conftest)
     base, finetuned = conftest.train_digits_pair()
     save_file(base, workdir / "base.safetensors")
     save_file(finetuned, workdir / "finetuned.safetensors")
-    return "digits MLP (tests/conftest.py)", workdir / "base.safetensors", workdir / "finetuned.safetensors"
+    return "digits MLP (tests/conftest.py)", workdir / "base.safetensors", workdir / "finetuned.safetensors", {}
 
 
-def synthetic_pair(layers: int, workdir: Path) -> tuple[str, Path, Path]:
+def synthetic_pair(layers: int, workdir: Path) -> tuple[str, Path, Path, dict]:
     deltas = roberta_base_deltas(layers)
     gen = torch.Generator().manual_seed(1)
     base = {k: torch.randn(d.shape, generator=gen) * 0.02 for k, d in deltas.items()}
@@ -62,7 +62,7 @@ def synthetic_pair(layers: int, workdir: Path) -> tuple[str, Path, Path]:
     save_file({k: base[k] + d for k, d in deltas.items()}, workdir / "syn_ft.safetensors")
     params = sum(d.numel() for d in deltas.values())
     return (f"RoBERTa-sized synthetic, {layers} layer(s), {params / 1e6:.1f}M params",
-            workdir / "syn_base.safetensors", workdir / "syn_ft.safetensors")
+            workdir / "syn_base.safetensors", workdir / "syn_ft.safetensors", {})
 
 
 def main() -> None:
@@ -77,8 +77,8 @@ def main() -> None:
         print("|---|" + "---:|---:|" * len(pairs))
         for name, options in ENCODINGS.items():
             cells = []
-            for _, base, finetuned in pairs:
-                bits, err = measure(base, finetuned, options)
+            for _, base, finetuned, policy in pairs:
+                bits, err = measure(base, finetuned, options, policy)
                 cells += [f"{bits:.4f}", f"{err:.4f}"]
             print(f"| {name} | " + " | ".join(cells) + " |")
     sys.stdout.flush()

@@ -23,7 +23,7 @@ from experiments.zoo.common import (
     MODES, ZooEntry, ZooError, ZooTask, atomic_build_dir, build_lock, read_manifest, write_manifest, zoo_dir,
 )
 
-__all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main"]
+__all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main", "zoo_policy"]
 
 FAMILIES = ("vit", "minilm", "t5", "gpt")
 
@@ -65,6 +65,17 @@ def build_zoo(
     if built is None:  # a builder bug, not a user error: say which zoo
         raise ZooError(f"zoo {final} was built but its manifest does not validate")
     return built
+
+
+def zoo_policy(family: str) -> dict:
+    """The tensor policy the runner compresses a zoo family's pairs with: its adapter's defaults
+    (``conf/model/zoo_<family>.yaml``), e.g. task heads of another shape than the base's kept whole."""
+    from omegaconf import OmegaConf
+
+    from deltadct.adapters import get_adapter
+
+    model = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / f"zoo_{family}.yaml")
+    return dict(get_adapter(model.adapter).policy_defaults)
 
 
 def list_zoos(cache_dir: str | Path | None = None) -> list[ZooEntry]:
