@@ -97,6 +97,22 @@ def _dct(x, fwd, back, INVERSE: tl.constexpr):
 
 
 @triton.jit
+def _dct_basis(basis_ptr, P: tl.constexpr):
+    """The P×P DCT matrix C and its transpose, loaded once per program."""
+    i = tl.arange(0, P)
+    return tl.load(basis_ptr + i[:, None] * P + i[None, :]), tl.load(basis_ptr + i[None, :] * P + i[:, None])
+
+
+@triton.jit
+def _coefficients(x_ptr, stride, m, n, r, c, kept, fwd, back, DCT: tl.constexpr):
+    """A kept patch as float32 (zero-padded past the matrix edge), DCT'd when ``DCT``."""
+    x = tl.load(x_ptr + r * stride + c, mask=(r < m) & (c < n) & kept, other=0.0).to(tl.float32)
+    if DCT:
+        x = _dct(x, fwd, back, False)
+    return x
+
+
+@triton.jit
 def _store_codes(out_ptr, q, slot, sel, B: tl.constexpr, P: tl.constexpr):
     RB: tl.constexpr = P * B // 8  # bytes per patch row
     if B == 8:
@@ -123,15 +139,11 @@ def _load_codes(in_ptr, slot, sel, B: tl.constexpr, P: tl.constexpr):
 def _kept_range_kernel(x_ptr, stride, m, n, gc, tiles_c, num_patches, basis_ptr, widths_ptr, ranks_ptr,
                        lo_ptr, hi_ptr, P: tl.constexpr, G: tl.constexpr, DCT: tl.constexpr):
     pid = tl.program_id(0)
-    i = tl.arange(0, P)
-    fwd = tl.load(basis_ptr + i[:, None] * P + i[None, :])
-    back = tl.load(basis_ptr + i[None, :] * P + i[:, None])
+    fwd, back = _dct_basis(basis_ptr, P)
     for k in tl.static_range(G):
         r, c, valid, w, kept, kept_slot, width_slot = _patch(pid, k, tiles_c, gc, num_patches, widths_ptr,
                                                              ranks_ptr, P, G)
-        x = tl.load(x_ptr + r * stride + c, mask=(r < m) & (c < n) & kept, other=0.0).to(tl.float32)
-        if DCT:
-            x = _dct(x, fwd, back, False)
+        x = _coefficients(x_ptr, stride, m, n, r, c, kept, fwd, back, DCT)
         tl.store(lo_ptr + kept_slot, tl.min(x), mask=kept)
         tl.store(hi_ptr + kept_slot, tl.max(x), mask=kept)
 
@@ -141,15 +153,11 @@ def _encode_kernel(x_ptr, stride, m, n, gc, tiles_c, num_patches, basis_ptr, wid
                    hi_ptr, out1, out2, out4, out8, P: tl.constexpr, G: tl.constexpr, DCT: tl.constexpr,
                    MAX_WIDTH: tl.constexpr):
     pid = tl.program_id(0)
-    i = tl.arange(0, P)
-    fwd = tl.load(basis_ptr + i[:, None] * P + i[None, :])
-    back = tl.load(basis_ptr + i[None, :] * P + i[:, None])
+    fwd, back = _dct_basis(basis_ptr, P)
     for k in tl.static_range(G):
         r, c, valid, w, kept, kept_slot, width_slot = _patch(pid, k, tiles_c, gc, num_patches, widths_ptr,
                                                              ranks_ptr, P, G)
-        x = tl.load(x_ptr + r * stride + c, mask=(r < m) & (c < n) & kept, other=0.0).to(tl.float32)
-        if DCT:
-            x = _dct(x, fwd, back, False)
+        x = _coefficients(x_ptr, stride, m, n, r, c, kept, fwd, back, DCT)
         lo = tl.load(lo_ptr + kept_slot, mask=kept, other=0.0)
         hi = tl.load(hi_ptr + kept_slot, mask=kept, other=0.0)
         # quant.quantize, operation for operation
@@ -173,9 +181,7 @@ def _decode_kernel(out_ptr, m, n, gc, tiles_c, num_patches, basis_ptr, widths_pt
                    in1, in2, in4, in8, abs_sum_ptr, P: tl.constexpr, G: tl.constexpr, DCT: tl.constexpr,
                    MAX_WIDTH: tl.constexpr):
     pid = tl.program_id(0)
-    i = tl.arange(0, P)
-    fwd = tl.load(basis_ptr + i[:, None] * P + i[None, :])
-    back = tl.load(basis_ptr + i[None, :] * P + i[:, None])
+    fwd, back = _dct_basis(basis_ptr, P)
     abs_sum = 0.0
     for k in tl.static_range(G):
         r, c, valid, w, kept, kept_slot, width_slot = _patch(pid, k, tiles_c, gc, num_patches, widths_ptr,
