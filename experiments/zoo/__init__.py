@@ -49,19 +49,20 @@ def build_zoo(
     if mode not in MODES:
         raise ZooError(f"unknown zoo mode {mode!r}; choose one of {', '.join(MODES)}")
     final = zoo_dir(family, mode, seed, cache_dir)
-    cached = read_manifest(final)
+    builder = importlib.import_module(f"experiments.zoo.{family}")
+    recipe = getattr(builder, "RECIPE_VERSION", 1)
+    cached = read_manifest(final, recipe)
     if cached is not None:
         return cached
-    builder = importlib.import_module(f"experiments.zoo.{family}")
     with build_lock(final):
-        cached = read_manifest(final)  # another process may have built it while we waited
+        cached = read_manifest(final, recipe)  # another process may have built it while we waited
         if cached is not None:
             return cached
         start = time.perf_counter()
         with atomic_build_dir(final) as out:
             entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final)
-            write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1)})
-    built = read_manifest(final)
+            write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1), "recipe_version": recipe})
+    built = read_manifest(final, recipe)
     if built is None:  # a builder bug, not a user error: say which zoo
         raise ZooError(f"zoo {final} was built but its manifest does not validate")
     return built

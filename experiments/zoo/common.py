@@ -121,11 +121,17 @@ def _checkpoint_complete(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def read_manifest(root: Path) -> ZooEntry | None:
-    """The zoo at ``root`` if its manifest and every file it names are present, else None."""
+def read_manifest(root: Path, recipe_version: int | None = None) -> ZooEntry | None:
+    """The zoo at ``root`` if its manifest and every file it names are present, else None.
+
+    ``recipe_version``: the builder's current ``RECIPE_VERSION``; a zoo built by another recipe
+    (older schedule or learning rate) is stale, hence None (manifests before versioning count as 1).
+    """
     try:
         manifest = json.loads((root / MANIFEST).read_text())
         if manifest.get("version") != MANIFEST_VERSION:
+            return None
+        if recipe_version is not None and manifest.get("recipe_version", 1) != recipe_version:
             return None
         tasks = {
             name: ZooTask(

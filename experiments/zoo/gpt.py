@@ -28,12 +28,16 @@ PROMPTS = {
     "sst2": ("zoo_sst2_sentiment", "Review: {sentence}\nSentiment:", ("negative", "positive"), "acc"),
     "cola": ("zoo_cola_grammar", "Sentence: {sentence}\nIs this sentence grammatical? Answer:", ("no", "yes"), "mcc"),
 }
-# (pre-training steps, {task: fine-tuning steps}, eval examples or None for all)
+# (pre-training steps, {task: fine-tuning steps}, eval examples or None for all). 600 SST-2 steps at
+# lr 1e-3 are what the fast model needs to learn the task (0.77 vs the base's 0.52 on 128 examples);
+# 100 steps at 2e-3 left it at the base's score.
 SCHEDULE = {
-    "fast": (100, {"sst2": 100, "cola": 20}, 128),
+    "fast": (100, {"sst2": 600, "cola": 20}, 128),
     "full": (3000, {"sst2": 1500, "cola": 600}, None),
 }
-BATCH, LR_PRETRAIN, LR_FINETUNE = 32, 2e-3, 2e-3
+BATCH, LR_PRETRAIN, LR_FINETUNE = 32, 2e-3, 1e-3
+#: bumped whenever the schedule or hyper-parameters change, so cached zoos of an older recipe are rebuilt
+RECIPE_VERSION = 2
 
 
 def train_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
