@@ -8,16 +8,10 @@ import torch
 
 from ..errors import NonFiniteError
 from ..quant import pack_bits, unpack_bits
-from .base import as_matrix
 
 FP16_MAX = torch.finfo(torch.float16).max
 #: above this many entries a flat index no longer fits int32, so sparse tensors always use the bit mask
 _INT32_LIMIT = 2**31 - 1
-
-
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The (rows, cols) that :func:`as_matrix` gives a tensor of ``shape``, without allocating it."""
-    return tuple(as_matrix(torch.empty(tuple(shape), device="meta")).shape)  # type: ignore[return-value]
 
 
 def check_fp16_range(values: torch.Tensor, what: str, name: str = "") -> None:

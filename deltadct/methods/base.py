@@ -194,3 +194,8 @@ def as_matrix(delta: torch.Tensor) -> torch.Tensor:
     if delta.ndim == 1:
         return delta.reshape(1, -1)
     return delta.reshape(delta.shape[0], -1)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (rows, cols) that :func:`as_matrix` gives a tensor of ``shape``, without allocating it."""
+    return tuple(as_matrix(torch.empty(tuple(shape), device="meta")).shape)  # type: ignore[return-value]

@@ -29,8 +29,8 @@ from ..errors import ConfigError
 from ..quant import (decode_range_fp16, dequantize, encode_range_fp16, pack_bits, packed_size, quantize,
                      unpack_bits)
 from . import register_method
-from ._storage import check_fp16_range, matrix_shape
-from .base import Compressed, Method, MethodConfig, as_matrix, check_range
+from ._storage import check_fp16_range
+from .base import Compressed, Method, MethodConfig, as_matrix, check_range, matrix_shape
 
 #: side information per kept direction: fp16 (min, max) for its column of A and of B
 RANGE_BITS_PER_DIRECTION = 4 * 16

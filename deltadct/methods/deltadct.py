@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..graphs import GraphCache
 from ..quant import RANGE_ENCODINGS
 from . import register_method
-from .base import Compressed, Method, MethodConfig, as_matrix, check_choice, check_range
+from .base import Compressed, Method, MethodConfig, as_matrix, check_choice, check_range, matrix_shape
 
 PATCH_SIZES_HINT = (8, 16, 32, 64)
 
@@ -89,7 +89,7 @@ class DeltaDCT(Method):
                     range_bits=c.range_bits, max_width=max(c.bit_widths), rescale=c.rescale)
 
     def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
-        m, n = as_matrix(torch.empty(shape, device="meta")).shape
+        m, n = matrix_shape(shape)
         if self.config.patch_size > m or self.config.patch_size > n:
             raise ConfigError(f"patch_size {self.config.patch_size} is larger than tensor "
                               f"{name or '<delta>'} of shape {tuple(shape)} (as a {m}×{n} matrix)")
@@ -134,7 +134,7 @@ class DeltaDCT(Method):
             width_counts[b] += count
         return P.allocate(scores, counts, c.bit_widths), width_counts
 
-    def _graphed(self, device: torch.device, matrix_shape: tuple[int, int]) -> bool:
+    def _graphed(self, device: torch.device, rows_cols: tuple[int, int]) -> bool:
         """Whether this layer's encode/decode replay as CUDA graphs (see :mod:`deltadct.graphs`).
 
         Per-layer allocation only: its width counts follow from the shape, so nothing in the layer
@@ -142,7 +142,7 @@ class DeltaDCT(Method):
         """
         c = self.config
         return (codec.use_cuda_graphs and c.allocation == "layer"
-                and codec.graph_capturable(device, matrix_shape, patch_size=c.patch_size,
+                and codec.graph_capturable(device, rows_cols, patch_size=c.patch_size,
                                            bit_widths=tuple(c.bit_widths), rescale=c.rescale)
                 and not torch.cuda.is_current_stream_capturing())
 
@@ -153,25 +153,24 @@ class DeltaDCT(Method):
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         self.check_shape(tuple(delta.shape), name)
-        matrix_shape = tuple(as_matrix(torch.empty(tuple(delta.shape), device="meta")).shape)
-        if self._graphed(delta.device, matrix_shape):
+        if self._graphed(delta.device, matrix_shape(tuple(delta.shape))):
             return Compressed(self._graph_cache.run("encode", self._encode, delta))
         return Compressed(self._encode(delta, name))
 
     def reconstruct(self, compressed: Compressed, shape) -> torch.Tensor:
-        matrix_shape = tuple(as_matrix(torch.empty(tuple(shape), device="meta")).shape)
+        rows_cols = matrix_shape(tuple(shape))
         fields = compressed.tensors
         options = self.codec_options()
-        if self._graphed(fields["alloc"].device, matrix_shape):
+        if self._graphed(fields["alloc"].device, rows_cols):
             names = tuple(fields)
             # the rescale multiply doubles as the copy out of the graph's static output
             out = self._graph_cache.run(
-                ("decode", names, matrix_shape),
-                lambda *values: codec.decode_layer_unscaled(dict(zip(names, values)), matrix_shape, **options),
+                ("decode", names, rows_cols),
+                lambda *values: codec.decode_layer_unscaled(dict(zip(names, values)), rows_cols, **options),
                 *fields.values(),
                 finish=lambda parts: parts[0].clone() if parts[1] is None else parts[0] * parts[1])
         else:
-            out = codec.decode_layer(fields, matrix_shape, **options)
+            out = codec.decode_layer(fields, rows_cols, **options)
         return out.reshape(tuple(shape))
 
     @functools.cached_property

@@ -8,8 +8,8 @@ convex rate–distortion hull and fills the budget greedily by error saved per b
 (:mod:`deltadct.allocation`). The rate of a width counts codes and range side information; each
 layer's allocation map, scalars, byte rounding and header entries, and the rest of the file header
 (measured by ``deltadct.compress`` before planning, plus a small reserve), are taken off the budget
-first. ``compress`` then encodes with the planned
-widths through the same codec as ``deltadct``: same fields, same decoder.
+first. ``compress`` then encodes with the planned widths through the same codec as ``deltadct``:
+same fields, same decoder.
 
 Limits: ``plan`` holds 24 bytes per patch (fp32 slope + two uint8 widths per hull step, 4 steps)
 plus a sort over all steps, about 2.5 GB for a 7B-parameter model at ``patch_size`` 16 (27 M
@@ -168,7 +168,7 @@ class DeltaDCTAuto(DeltaDCT):
                               "tensor before compress()")
         return self._widths[name]
 
-    def _graphed(self, device: torch.device, matrix_shape: tuple[int, int]) -> bool:
+    def _graphed(self, device: torch.device, rows_cols: tuple[int, int]) -> bool:
         # widths come from the plan, per tensor and often 3 bits wide: always the op-by-op path
         return False
 

@@ -13,8 +13,8 @@ import torch
 
 from ..quant import dequantize, encode_range_fp16, decode_range_fp16, pack_bits, quantize, unpack_bits
 from . import register_method
-from ._storage import check_fp16_range, matrix_shape
-from .base import Compressed, Method, MethodConfig, as_matrix, check_range
+from ._storage import check_fp16_range
+from .base import Compressed, Method, MethodConfig, as_matrix, check_range, matrix_shape
 
 
 @dataclass
