@@ -202,6 +202,14 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
     if out["model"].get("zoo") is None:
         out.pop("zoo")
+    else:
+        from experiments.zoo import recipe_version
+
+        # A zoo rebuilt by a new recipe holds other checkpoints, so its runs are new runs. Recipe 1
+        # predates versioning and stays out of the hash, which keeps the keys of records made then.
+        recipe = recipe_version(out["model"]["zoo"])
+        if recipe != 1:
+            out["zoo"]["recipe_version"] = recipe
     return out
 
 

@@ -94,6 +94,23 @@ def test_launchers_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith(target)
 
 
+def test_zoo_recipe_is_part_of_a_runs_identity(monkeypatch):
+    """Runs on a zoo rebuilt by a new recipe are new runs (not skipped as done); recipe 1 keeps its old keys."""
+    from omegaconf import OmegaConf
+
+    from experiments.run import identity
+    from experiments.store import config_hash
+    from experiments.zoo import vit
+
+    config = OmegaConf.to_container(_compose(["model=zoo_vit", "method=deltadct"]), resolve=True)
+    assert "recipe_version" not in identity(config)["zoo"]
+    before = config_hash(identity(config))
+    monkeypatch.setattr(vit, "RECIPE_VERSION", 2, raising=False)
+    assert identity(config)["zoo"]["recipe_version"] == 2
+    assert config_hash(identity(config)) != before
+    assert "zoo" not in identity(OmegaConf.to_container(_compose(["model=roberta_base_glue"]), resolve=True))
+
+
 def test_bad_method_option_fails_before_any_model_is_loaded(tmp_path):
     cfg = _compose([*FAST, "method=deltadct", "method.patch_size=0", f"zoo.cache_dir={tmp_path / 'cache'}"])
     started = time.perf_counter()

@@ -23,7 +23,8 @@ from experiments.zoo.common import (
     MODES, ZooEntry, ZooError, ZooTask, atomic_build_dir, build_lock, read_manifest, write_manifest, zoo_dir,
 )
 
-__all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main", "zoo_policy"]
+__all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main", "recipe_version",
+           "zoo_policy"]
 
 FAMILIES = ("vit", "minilm", "t5", "gpt")
 
@@ -31,6 +32,13 @@ FAMILIES = ("vit", "minilm", "t5", "gpt")
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def recipe_version(family: str) -> int:
+    """The version of ``family``'s training recipe (its builder's ``RECIPE_VERSION``, 1 when unset)."""
+    if family not in FAMILIES:
+        raise ZooError(f"unknown zoo family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return getattr(importlib.import_module(f"experiments.zoo.{family}"), "RECIPE_VERSION", 1)
 
 
 def build_zoo(
@@ -44,13 +52,11 @@ def build_zoo(
 
     ``mode="fast"`` trains for seconds (tests); ``"full"`` trains for minutes (experiments).
     """
-    if family not in FAMILIES:
-        raise ZooError(f"unknown zoo family {family!r}; choose one of {', '.join(FAMILIES)}")
+    recipe = recipe_version(family)
     if mode not in MODES:
         raise ZooError(f"unknown zoo mode {mode!r}; choose one of {', '.join(MODES)}")
     final = zoo_dir(family, mode, seed, cache_dir)
     builder = importlib.import_module(f"experiments.zoo.{family}")
-    recipe = getattr(builder, "RECIPE_VERSION", 1)
     cached = read_manifest(final, recipe)
     if cached is not None:
         return cached

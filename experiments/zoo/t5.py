@@ -29,12 +29,16 @@ TEMPLATES = {
     "cola": "cola sentence: {sentence}",
     "rte": "rte sentence1: {sentence1} sentence2: {sentence2}",
 }
-# (pre-training steps, {task: fine-tuning steps}, eval examples or None for all)
+# (pre-training steps, {task: fine-tuning steps}, eval examples or None for all). The tiny T5 learns
+# SST-2 slowly (its N(0, 1) embeddings move little at lr 1e-3): 1000 steps reach 0.67 on 128 examples,
+# against 0.52 for the majority class; 80 to 600 steps stayed at 0.52-0.61, and lr 3e-3 learned less.
 SCHEDULE = {
-    "fast": (100, {"sst2": 80, "cola": 20, "rte": 20}, 64),
+    "fast": (100, {"sst2": 1000, "cola": 20, "rte": 20}, 128),
     "full": (3000, {"sst2": 2000, "cola": 800, "rte": 400}, None),
 }
 BATCH, LR_PRETRAIN, LR_FINETUNE = 32, 2e-3, 1e-3
+#: bumped whenever the schedule or hyper-parameters change, so cached zoos of an older recipe are rebuilt
+RECIPE_VERSION = 2
 
 
 def train_tokenizer(sentences: list[str]) -> PreTrainedTokenizerFast:
