@@ -22,12 +22,17 @@ from experiments.zoo.hf import quiet_transformers
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
               "special_tokens_map.json")
-# task -> (steps, batch size, lr, max length, eval examples or None for all)
+# task -> (steps, batch size, lr, max length, eval examples or None for all). CoLA needs lr 1e-4 and
+# 600 steps (MCC 0.22 on its 516 validation sentences; 300 steps at 5e-5 predicted one class, MCC 0).
+# RTE is not learned by this model here: 400 steps at 1e-4 fit the training set (loss 0.06) and scored
+# 0.50 on validation, no better than 200 steps at 3e-5.
 SCHEDULE = {
     "fast": {"sst2": (30, 16, 1e-4, 64, 128), "cola": (10, 16, 1e-4, 64, 128), "rte": (8, 8, 1e-4, 128, 64)},
-    "full": {"sst2": (400, 32, 5e-5, 64, None), "cola": (300, 32, 5e-5, 64, None),
+    "full": {"sst2": (400, 32, 5e-5, 64, None), "cola": (600, 32, 1e-4, 64, None),
              "rte": (200, 16, 3e-5, 128, None)},
 }
+#: bumped whenever the schedule or hyper-parameters change, so cached zoos of an older recipe are rebuilt
+RECIPE_VERSION = 2
 EVAL_BATCH = 64
 
 
