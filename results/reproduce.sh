@@ -10,16 +10,37 @@ PY=${PYTHON:-python}
 
 # study store -> "zoo pair, zoo mode, eval bounds"
 VIT="model=zoo_vit zoo.mode=full store.path=results/zoo_vit/records.jsonl"
-MINILM="model=zoo_minilm zoo.mode=${MINILM_MODE:-fast} store.path=results/zoo_minilm/records.jsonl eval.glue.max_samples=512"
-T5="model=zoo_t5 zoo.mode=fast store.path=results/zoo_t5/records.jsonl"
-GPT="model=zoo_gpt zoo.mode=fast store.path=results/zoo_gpt/records.jsonl"
+MINILM="model=zoo_minilm zoo.mode=full store.path=results/zoo_minilm/records.jsonl eval.glue.max_samples=512"
+T5="model=zoo_t5 zoo.mode=full store.path=results/zoo_t5/records.jsonl eval.glue.max_samples=512"
+GPT="model=zoo_gpt zoo.mode=${GPT_MODE:-full} store.path=results/zoo_gpt/records.jsonl eval.lm_eval.limit=512"
 
 sweep() { $PY -m experiments.run -m keep_deltas=false "$@"; }
 single() { $PY -m experiments.run hydra.mode=RUN keep_deltas=false "$@"; }
 
+# The rest of the methods in a paper table, each at its setting nearest 1 bit/param: DARE (3 seeds) and
+# magnitude sparsification (fp16 values + positions), 1-bit round-to-nearest, deltadct_auto at a 1-bit budget.
+other_methods() {
+  sweep "$@" method=dare method.p=0.975 method.seed=0,1,2
+  sweep "$@" method=magnitude method.bits=1.0
+  sweep "$@" method=rtn method.bits=1
+  sweep "$@" method=deltadct_auto
+}
+
+# A text zoo's studies: its paper table with every method, Delta-DCT's two sweeps (patch size, 2-bit
+# share), the DCT ablation and the rescale ablation (with the base model as its floor), on every task.
+text_studies() {
+  local preset=$1 title=$2; shift 2
+  sweep experiment=$preset "$@" "table.title='$title'"
+  other_methods experiment=$preset "$@"
+  for ablation in ablation_patch_size ablation_ratio ablation_rescale; do sweep experiment=$ablation "$@"; done
+  single experiment=ablation_rescale method=zero "$@"
+  sweep experiment=ablation_dct tasks=null "$@"
+}
+
 vit() {
   # paper table: every method at ~1 bit/param (ViT-L/14 and BEiT-3 presets map to this same zoo pair)
   sweep experiment=vision_vit_b32 $VIT "table.title='Vision table on the ViT zoo (stand-in for CLIP ViT-B/32): every method at ~1 bit/param'"
+  other_methods experiment=vision_vit_b32 $VIT
   # ablations on all ViT zoo tasks, plus the base model as the floor of the rescale ablation
   for preset in ablation_patch_size ablation_ratio ablation_importance ablation_rescale; do
     sweep experiment=$preset $VIT
@@ -37,18 +58,15 @@ rd() {
 }
 
 minilm() {
-  sweep experiment=glue_roberta_base $MINILM "table.title='GLUE table on the MiniLM zoo (stand-in for RoBERTa-base): every method at ~1 bit/param'"
-  sweep experiment=ablation_rescale $MINILM
-  single experiment=ablation_rescale method=zero $MINILM
+  text_studies glue_roberta_base "GLUE table on the MiniLM zoo (stand-in for RoBERTa-base): every method at ~1 bit/param" $MINILM
 }
 
-t5() {  # the paper's DCT ablation is on T5 CoLA
-  sweep experiment=glue_t5_base $T5 "table.title='GLUE table on the T5 zoo (stand-in for T5-base): every method at ~1 bit/param'"
-  sweep experiment=ablation_dct $T5 "table.title='Delta-DCT with and without the DCT (T5 zoo, CoLA)'"
+t5() {  # the paper's DCT ablation is on T5 CoLA; text_studies runs it on every T5 task
+  text_studies glue_t5_base "GLUE table on the T5 zoo (stand-in for T5-base): every method at ~1 bit/param" $T5
 }
 
 gpt() {  # llm_code and llm_chat map to this same zoo pair as llm_math
-  sweep experiment=llm_math $GPT "table.title='LLM table on the GPT zoo (stand-in for WizardMath/Llama-2): every method at ~1 bit/param'"
+  text_studies llm_math "LLM table on the GPT zoo (stand-in for WizardMath/Llama-2): every method at ~1 bit/param" $GPT
 }
 
 tables() {
