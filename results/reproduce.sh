@@ -31,7 +31,7 @@ other_methods() {
 text_studies() {
   local preset=$1 title=$2; shift 2
   sweep experiment=$preset "$@" "table.title='$title'"
-  other_methods experiment=$preset "$@"
+  other_methods experiment=$preset "$@" "table.title='$title'"
   for ablation in ablation_patch_size ablation_ratio ablation_rescale; do sweep experiment=$ablation "$@"; done
   single experiment=ablation_rescale method=zero "$@"
   sweep experiment=ablation_dct tasks=null "$@"
@@ -39,8 +39,9 @@ text_studies() {
 
 vit() {
   # paper table: every method at ~1 bit/param (ViT-L/14 and BEiT-3 presets map to this same zoo pair)
-  sweep experiment=vision_vit_b32 $VIT "table.title='Vision table on the ViT zoo (stand-in for CLIP ViT-B/32): every method at ~1 bit/param'"
-  other_methods experiment=vision_vit_b32 $VIT
+  local title="Vision table on the ViT zoo (stand-in for CLIP ViT-B/32): every method at ~1 bit/param"
+  sweep experiment=vision_vit_b32 $VIT "table.title='$title'"
+  other_methods experiment=vision_vit_b32 $VIT "table.title='$title'"
   # ablations on all ViT zoo tasks, plus the base model as the floor of the rescale ablation
   for preset in ablation_patch_size ablation_ratio ablation_importance ablation_rescale; do
     sweep experiment=$preset $VIT
