@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Re-run every committed study on the offline zoo, then rebuild its tables (results/README.md).
-#   results/reproduce.sh              # every stage: vit rd minilm t5 gpt tables (about an hour on 2 busy cores)
+#   results/reproduce.sh              # every stage: vit rd minilm t5 gpt tables (the full zoos build first:
+#                                     # ~1.5 h on 2 busy cores; then about an hour of runs)
 #   results/reproduce.sh vit tables   # some stages; `tables` only rebuilds Markdown/CSV/PNG from the records
 # Runs already in a store are skipped by the runner, so a killed run resumes where it stopped.
 set -euo pipefail
