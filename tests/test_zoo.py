@@ -169,6 +169,22 @@ def test_incomplete_zoo_is_rebuilt_bit_identical(fast_zoo, tmp_path):
     assert [t.finetuned_score for t in again.tasks.values()] == [t.finetuned_score for t in first.tasks.values()]
 
 
+@pytest.mark.parametrize("family", ["t5", "gpt"])
+def test_trained_tokenizer_is_the_same_in_another_process(fast_zoo, family, tmp_path):
+    """The text zoos train their tokenizers; a fresh process must train the very same one, or a rebuilt
+    zoo gets other token ids (SentencePiece's Unigram trainer failed this, hence BPE for T5)."""
+    import subprocess
+    import sys
+
+    script = (f"import sys; from experiments.zoo import {family} as f; from experiments.zoo.glue import "
+              f"pretraining_sentences; f.train_tokenizer(pretraining_sentences()).save_pretrained(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=300)
+    fresh, built = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path, fast_zoo(family).base_path))
+    # everything that decides token ids (the zoo's file also records the truncation it last ran with)
+    for part in ("model", "added_tokens", "normalizer", "pre_tokenizer", "post_processor"):
+        assert fresh[part] == built[part], part
+
+
 def test_missing_glue_data_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTADCT_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(ZooDataError, match=r"GLUE sst2 train data not found: no file .*nowhere/glue/sst2/train.tsv"):
