@@ -34,11 +34,16 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def recipe_version(family: str) -> int:
-    """The version of ``family``'s training recipe (its builder's ``RECIPE_VERSION``, 1 when unset)."""
+def _builder(family: str):
+    """The module that builds ``family``'s zoo (``experiments.zoo.<family>``)."""
     if family not in FAMILIES:
         raise ZooError(f"unknown zoo family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return getattr(importlib.import_module(f"experiments.zoo.{family}"), "RECIPE_VERSION", 1)
+    return importlib.import_module(f"experiments.zoo.{family}")
+
+
+def recipe_version(family: str) -> int:
+    """The version of ``family``'s training recipe (its builder's ``RECIPE_VERSION``, 1 when unset)."""
+    return getattr(_builder(family), "RECIPE_VERSION", 1)
 
 
 def build_zoo(
@@ -52,11 +57,11 @@ def build_zoo(
 
     ``mode="fast"`` trains for seconds (tests); ``"full"`` trains for minutes (experiments).
     """
+    builder = _builder(family)
     recipe = recipe_version(family)
     if mode not in MODES:
         raise ZooError(f"unknown zoo mode {mode!r}; choose one of {', '.join(MODES)}")
     final = zoo_dir(family, mode, seed, cache_dir)
-    builder = importlib.import_module(f"experiments.zoo.{family}")
     cached = read_manifest(final, recipe)
     if cached is not None:
         return cached

@@ -3,8 +3,8 @@ corruption on SST-2 and CoLA sentences, then fully fine-tuned text-to-text on SS
 
 The tokenizer is a BPE model (with a SentencePiece-style metaspace) trained here on the same
 sentences, with T5's special tokens (``<pad>``, ``</s>``, ``<unk>``, ``<extra_id_N>`` sentinels), saved
-as a fast tokenizer dir that ``AutoTokenizer.from_pretrained`` loads. Scores come from greedy generation mapped to label words;
-a generation that is no label word counts as wrong.
+as a fast tokenizer dir that ``AutoTokenizer.from_pretrained`` loads. Scores come from greedy
+generation mapped to label words; a generation that is no label word counts as wrong.
 """
 from __future__ import annotations
 
