@@ -18,21 +18,24 @@ GPT="model=zoo_gpt zoo.mode=${GPT_MODE:-full} store.path=results/zoo_gpt/records
 sweep() { $PY -m experiments.run -m keep_deltas=false "$@"; }
 single() { $PY -m experiments.run hydra.mode=RUN keep_deltas=false "$@"; }
 
-# The rest of the methods in a paper table, each at its setting nearest 1 bit/param: DARE (3 seeds) and
-# magnitude sparsification (fp16 values + positions), 1-bit round-to-nearest, deltadct_auto at a 1-bit budget.
-other_methods() {
+# A paper table with every method, each at its setting nearest 1 bit/param: the preset's methods, then
+# DARE (3 seeds) and magnitude sparsification (fp16 values + positions), 1-bit round-to-nearest and
+# deltadct_auto at a 1-bit budget; every run carries the table's title.  paper_table PRESET TITLE ARGS...
+paper_table() {
+  local preset=$1 title=$2; shift 2
+  set -- experiment=$preset "$@" "table.title='$title'"
+  sweep "$@"
   sweep "$@" method=dare method.p=0.975 method.seed=0,1,2
   sweep "$@" method=magnitude method.bits=1.0
   sweep "$@" method=rtn method.bits=1
   sweep "$@" method=deltadct_auto
 }
 
-# A text zoo's studies: its paper table with every method, Delta-DCT's two sweeps (patch size, 2-bit
-# share), the DCT ablation and the rescale ablation (with the base model as its floor), on every task.
+# A text zoo's studies: its paper table, Delta-DCT's two sweeps (patch size, 2-bit share), the DCT
+# ablation and the rescale ablation (with the base model as its floor), on every task.
 text_studies() {
-  local preset=$1 title=$2; shift 2
-  sweep experiment=$preset "$@" "table.title='$title'"
-  other_methods experiment=$preset "$@" "table.title='$title'"
+  paper_table "$@"
+  shift 2
   for ablation in ablation_patch_size ablation_ratio ablation_rescale; do sweep experiment=$ablation "$@"; done
   single experiment=ablation_rescale method=zero "$@"
   sweep experiment=ablation_dct tasks=null "$@"
@@ -40,9 +43,7 @@ text_studies() {
 
 vit() {
   # paper table: every method at ~1 bit/param (ViT-L/14 and BEiT-3 presets map to this same zoo pair)
-  local title="Vision table on the ViT zoo (stand-in for CLIP ViT-B/32): every method at ~1 bit/param"
-  sweep experiment=vision_vit_b32 $VIT "table.title='$title'"
-  other_methods experiment=vision_vit_b32 $VIT "table.title='$title'"
+  paper_table vision_vit_b32 "Vision table on the ViT zoo (stand-in for CLIP ViT-B/32): every method at ~1 bit/param" $VIT
   # ablations on all ViT zoo tasks, plus the base model as the floor of the rescale ablation
   for preset in ablation_patch_size ablation_ratio ablation_importance ablation_rescale; do
     sweep experiment=$preset $VIT
