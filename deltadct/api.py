@@ -147,7 +147,7 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
     policy = _as_policy(policy)
     dev = resolve_device(device)
     if out is not None:
-        check_output_path(out, overwrite=overwrite)
+        check_output_path(out, overwrite=overwrite, inputs=(base, finetuned))
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
     match, plan = plan_tensors(base_ckpt, ft_ckpt, codec, policy)
 
@@ -195,7 +195,7 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
                                          ft_ckpt), writer)
         if out is None:
             return in_memory(header, writer)
-        with atomic_path(out, overwrite=overwrite) as tmp:
+        with atomic_path(out, overwrite=overwrite, inputs=(base, finetuned)) as tmp:
             writer.finish(tmp, {FORMAT_NAME: canonical_json(header)})
         return load(out, verify=False)
     finally:
@@ -269,9 +269,10 @@ def apply(base: PathLike, delta: PathLike | DeltaFile, out: PathLike | None = No
     dfile = _as_delta(delta)
     if out is None:
         return dict(iter_applied(base, dfile, device=device, progress=progress))
-    check_output_path(out, overwrite=overwrite)
+    inputs = (base, dfile.path)
+    check_output_path(out, overwrite=overwrite, inputs=inputs, is_dir=True)
     ckpt = open_checkpoint(base)
-    with atomic_path(out, is_dir=True, overwrite=overwrite) as tmp:
+    with atomic_path(out, is_dir=True, overwrite=overwrite, inputs=inputs) as tmp:
         writer = SafetensorsWriter(tmp)
         try:
             for name, tensor in iter_applied(ckpt, dfile, device=device, progress=progress):

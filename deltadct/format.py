@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ChecksumError, DeltaDCTError, FormatError
-from .io import SafetensorsWriter, atomic_path, dtype_from_name
+from .io import SafetensorsWriter, atomic_path, check_output_path, dtype_from_name
 from .methods import Compressed, Method, create_method
 
 FORMAT_NAME = "deltadct"
@@ -163,6 +163,7 @@ class DeltaFile:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         if self._tensors is None:
             raise FormatError(f"{self._where()} is already a file; copy it instead")
+        check_output_path(path, overwrite=overwrite)
         writer = SafetensorsWriter(Path(path).parent if str(Path(path).parent) else Path("."))
         try:
             for name, tensor in self._tensors.items():

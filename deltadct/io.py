@@ -1,20 +1,32 @@
-"""Atomic outputs and a streaming safetensors writer.
+"""Safe outputs: one guard for every path this package writes, atomic commits, a streaming safetensors writer.
 
-Every file this package writes goes through :func:`atomic_path`: written under a temporary name in
-the destination directory, fsynced, then renamed over the final name, so a crash or SIGKILL leaves
-either nothing or a complete file. :class:`SafetensorsWriter` appends tensors one at a time to a spool
-file and assembles a standard ``.safetensors`` file at the end, so a model-sized output never has to
-be held in memory.
+:func:`check_output_path` is the guard: an output may not be, contain or lie inside an input (compared by
+real path and by inode, so symlinks and hard links count), may not be the current directory or one of
+its parents, and with ``overwrite`` may replace only a regular file or a directory this package wrote
+(one holding an :data:`OUTPUT_MARKER` file). :func:`atomic_path` writes under a temporary name in the
+destination directory, fsyncs, then renames over the final name, so a crash or SIGKILL leaves either
+nothing or a complete output. Temporary names all match :data:`TEMP_NAME`; a live writer holds an
+``flock`` on each, so the next write into that folder removes those left by killed runs.
+:func:`_replace_or_remove` is the package's only caller of ``os.replace``, ``shutil.rmtree`` and
+``os.unlink``, and re-checks that it touches nothing but those temporaries and guarded outputs.
+:class:`SafetensorsWriter` appends tensors one at a time to a spool file and assembles a standard
+``.safetensors`` file at the end, so a model-sized output never has to be held in memory.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -47,6 +59,29 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+#: a file in every directory this package writes (``apply``'s model directories); only a directory holding
+#: one may be replaced by ``overwrite``
+OUTPUT_MARKER = ".deltadct-output"
+_TEMP_PREFIX = ".deltadct-"
+#: every temporary this package creates: ``.deltadct-<output name or "spool">.<8 random characters>.tmp``
+#: (the random part is what :mod:`tempfile` draws), so no other program's file matches it by accident
+TEMP_NAME = re.compile(r"^\.deltadct-.+\.[a-z0-9_]{8}\.tmp$")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux ≥ 3.15)
+
+
+#: temporaries older than this (and not locked) belong to runs that were killed; reset in forked children
+_process_start = time.time()
+
+
+def _restart_clock() -> None:
+    global _process_start
+    _process_start = time.time()
+
+
+os.register_at_fork(after_in_child=_restart_clock)
+
+
 def _fail(path: Path, err: OSError) -> OutputError:
     if err.errno == errno.ENOSPC:
         return OutputError(f"disk full while writing {path}")
@@ -55,11 +90,81 @@ def _fail(path: Path, err: OSError) -> OutputError:
     return OutputError(f"cannot write {path}: {err.strerror or err}")
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Refuse an existing output (unless ``overwrite``) or a missing / unwritable parent, before any work."""
+def _input_identities(inputs) -> tuple[list[Path], set[tuple[int, int]]]:
+    """Real paths and (device, inode) of every input and of the entries of input directories (their
+    shards and sidecars, which may be symlinks, e.g. into a hub cache's blob store)."""
+    paths, inodes = [], set()
+    for item in inputs:
+        if item is None:
+            continue
+        members = [Path(item)]
+        if members[0].is_dir():
+            with contextlib.suppress(OSError):
+                members += list(members[0].iterdir())
+        for member in members:
+            try:
+                st = member.stat()
+            except OSError:
+                continue
+            paths.append(Path(os.path.realpath(member)))
+            inodes.add((st.st_dev, st.st_ino))
+    return paths, inodes
+
+
+def _check_replaceable(path: Path, st: os.stat_result, *, is_dir: bool) -> None:
+    """An existing output may be replaced only if it is a regular file, or a directory this package wrote."""
+    if is_dir:
+        marker = path / OUTPUT_MARKER
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"output {path} exists and is not a directory; refusing to replace it")
+        if not (marker.exists() and stat.S_ISREG(os.lstat(marker).st_mode)):
+            raise OutputError(f"output {path} is a directory deltadct did not write (it has no {OUTPUT_MARKER} "
+                              "file); refusing to replace it: remove it yourself or choose another output")
+    elif not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a symbolic link" if stat.S_ISLNK(st.st_mode)
+                else "a special file (device, FIFO or socket)")
+        raise OutputError(f"output {path} is {kind}, not a regular file; refusing to replace it")
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, inputs=(), is_dir: bool = False) -> Path:
+    """The output guard, run before any work and again just before the output is committed.
+
+    Refuses an output that is, contains or lies inside one of ``inputs`` (by real path, and by inode
+    for hard links); that is the current directory or a parent of it; that exists (unless
+    ``overwrite``) or, with ``overwrite``, is anything but a regular file (a directory this package
+    wrote, for ``is_dir`` outputs); or whose parent is missing or not writable.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists (pass overwrite=True / --overwrite to replace it)")
+    real = Path(os.path.realpath(path))
+    try:
+        cwd = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # a deleted working directory has no parents to protect
+        cwd = None
+    if cwd is not None and cwd.is_relative_to(real):
+        where = "the current directory" if cwd == real else f"a parent of the current directory {cwd}"
+        raise OutputError(f"output {path} is {where}; refusing to write there")
+    input_paths, input_inodes = _input_identities(inputs)
+    if real in input_paths:
+        raise OutputError(f"output {path} is an input ({real}); choose another output")
+    for source in input_paths:
+        if source.is_relative_to(real):
+            raise OutputError(f"output {path} contains the input {source}; choose another output")
+        if real.is_relative_to(source):
+            raise OutputError(f"output {path} lies inside the input {source}; choose another output")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as err:  # e.g. a parent that is a regular file: ENOTDIR
+        if err.errno != errno.ENOTDIR:
+            raise _fail(path, err) from None
+        st = None
+    if st is not None:
+        if (st.st_dev, st.st_ino) in input_inodes:
+            raise OutputError(f"output {path} is a hard link to an input; choose another output")
+        if not overwrite:
+            raise OutputError(f"output {path} already exists (pass overwrite=True / --overwrite to replace it)")
+        _check_replaceable(path, st, is_dir=is_dir)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output directory {parent} does not exist")
@@ -68,48 +173,139 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Pa
     return path
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success fsync and rename it to ``path``, else remove it."""
-    path = check_output_path(path, overwrite=overwrite)
-    try:
-        if is_dir:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+def _replace_or_remove(temporary: Path, onto: Path | None = None) -> None:
+    """The package's only caller of ``os.replace``, ``os.rename``, ``shutil.rmtree`` and ``os.unlink``.
+
+    ``temporary`` must be one of this package's temporaries (its name matches :data:`TEMP_NAME`).
+    Without ``onto`` it is removed. With ``onto`` it replaces ``onto`` atomically, after ``onto`` passes
+    the replaceability check once more: absent, a regular file for a file, a directory holding
+    :data:`OUTPUT_MARKER` for a directory. A directory is swapped in with one ``renameat2`` exchange
+    (the old one then goes as a temporary), or where the filesystem cannot, moved aside first.
+    """
+    if not TEMP_NAME.match(temporary.name):
+        raise OutputError(f"refusing to remove or rename {temporary}: it is not a deltadct temporary")
+    temp_st = os.lstat(temporary)
+    if onto is None:
+        if stat.S_ISDIR(temp_st.st_mode):
+            shutil.rmtree(temporary)
         else:
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmp = Path(name)
+            os.unlink(temporary)
+        return
+    try:
+        st = os.lstat(onto)
+    except FileNotFoundError:
+        st = None
+    if st is None:
+        os.rename(temporary, onto)
+        return
+    _check_replaceable(onto, st, is_dir=stat.S_ISDIR(temp_st.st_mode))
+    if not stat.S_ISDIR(st.st_mode):
+        os.replace(temporary, onto)
+        return
+    if _exchange(temporary, onto):
+        shutil.rmtree(temporary)  # now the old directory
+        return
+    aside = temporary.with_name(f"{_TEMP_PREFIX}{onto.name}.{secrets.token_hex(4)}.tmp")
+    os.rename(onto, aside)
+    os.rename(temporary, onto)
+    shutil.rmtree(aside)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _discard(temporary: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        _replace_or_remove(temporary)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove what killed runs left in ``folder``: entries named like this package's temporaries, last
+    modified before this process started, and not locked by a live writer. Never fails the caller."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not TEMP_NAME.match(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) or st.st_mtime >= _process_start:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer is alive
+                _replace_or_remove(Path(entry.path))
+            finally:
+                os.close(fd)
+
+
+def _make_temp(folder: Path, label: str, *, is_dir: bool) -> tuple[Path, int]:
+    """A new temporary in ``folder`` and a descriptor holding an ``flock`` on it while this process lives."""
+    prefix = f"{_TEMP_PREFIX}{label}."
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder))
+        fd = os.open(tmp, os.O_RDONLY)
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        tmp = Path(name)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return tmp, fd
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = False,
+                inputs=()) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success fsync and rename it to ``path``, else remove it.
+
+    ``path`` passes :func:`check_output_path` (with ``inputs``) before and again just before the rename.
+    A directory output gets the :data:`OUTPUT_MARKER` file, so a later ``overwrite`` may replace it.
+    """
+    path = check_output_path(path, overwrite=overwrite, inputs=inputs, is_dir=is_dir)
+    remove_stale_temps(path.parent if str(path.parent) else Path("."))
+    try:
+        tmp, lock = _make_temp(path.parent, path.name, is_dir=is_dir)
     except OSError as err:
         raise _fail(path, err) from None
     try:
+        if is_dir:
+            (tmp / OUTPUT_MARKER).write_text("written by deltadct; `--overwrite` may replace this directory\n")
         yield tmp
         _fsync_tree(tmp)
         # mkstemp/mkdtemp create 0600/0700; give the output the permissions a plain open() would
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
-        if is_dir and path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        check_output_path(path, overwrite=overwrite, inputs=inputs, is_dir=is_dir)
+        _replace_or_remove(tmp, onto=path)
         _fsync_dir(path.parent)
+    except OutputError:
+        _discard(tmp)
+        raise
     except OSError as err:
-        _remove(tmp)
+        _discard(tmp)
         raise _fail(path, err) from None
     except BaseException:
-        _remove(tmp)
+        _discard(tmp)
         raise
+    finally:
+        os.close(lock)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -128,15 +324,15 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> None:
-    with atomic_path(path, overwrite=overwrite) as tmp:
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True, inputs=()) -> None:
+    with atomic_path(path, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.write_text(text)
 
 
-def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+def atomic_save_figure(fig, path: str | os.PathLike, *, inputs=(), **savefig_kwargs) -> None:
     """``fig.savefig`` through a temporary sibling (the format from ``path``'s suffix, e.g. ``.png``)."""
     path = Path(path)
-    with atomic_path(path, overwrite=True) as tmp:
+    with atomic_path(path, overwrite=True, inputs=inputs) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **savefig_kwargs)
 
 
@@ -150,11 +346,15 @@ class SafetensorsWriter:
 
     def __init__(self, spool_dir: Path | None):
         # spool_dir None keeps the tensors in memory (an in-memory artifact that is never written)
-        try:
-            self._spool = (tempfile.NamedTemporaryFile(prefix=".spool.", suffix=".tmp", dir=spool_dir, delete=False)
-                           if spool_dir is not None else None)
-        except OSError as err:  # e.g. a directory that passes os.access for root but refuses new files (/proc)
-            raise _fail(Path(spool_dir), err) from None
+        self._spool = None
+        if spool_dir is not None:
+            remove_stale_temps(spool_dir)
+            try:
+                self._spool = tempfile.NamedTemporaryFile(prefix=f"{_TEMP_PREFIX}spool.", suffix=".tmp",
+                                                          dir=spool_dir, delete=False)
+                fcntl.flock(self._spool.fileno(), fcntl.LOCK_EX)  # marks it live for remove_stale_temps
+            except OSError as err:  # e.g. a directory that passes os.access for root but refuses new files (/proc)
+                raise _fail(Path(spool_dir), err) from None
         self.tensors: dict[str, torch.Tensor] = {}
         self._index: dict[str, dict] = {}
         self._offset = 0
@@ -213,8 +413,7 @@ class SafetensorsWriter:
             return
         with contextlib.suppress(OSError):  # flushing a full disk fails again; the spool goes regardless
             self._spool.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._spool.name)
+        _discard(Path(self._spool.name))
 
 
 def encode_header(index: dict[str, dict], metadata: dict[str, str] | None) -> bytes:

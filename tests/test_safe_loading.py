@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import deltadct
 from deltadct.checkpoints import open_checkpoint
 from deltadct.errors import CheckpointError, UnsafeCheckpointError
+from deltadct.io import OUTPUT_MARKER
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -36,7 +37,7 @@ def test_everything_written_is_plain_safetensors(tmp_path: Path):
         assert set(fh.keys()) == {f"{n}::{f}" for n, e in delta.entries.items() for f in e["fields"]}
         assert "deltadct" in fh.metadata()
     out = deltadct.apply(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "model", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "model.safetensors"]
     assert load_file(out / "model.safetensors").keys() == _state().keys()
 
 
