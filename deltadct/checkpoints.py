@@ -12,6 +12,7 @@ import fnmatch
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -80,10 +81,7 @@ class CheckpointReader:
         """The model's ``config.json`` when the checkpoint is a model directory."""
         if self.model_dir is None or not (self.model_dir / "config.json").is_file():
             return None
-        try:
-            return json.loads((self.model_dir / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot read {self.model_dir / 'config.json'}: {err}") from None
+        return _read_json(self.model_dir / "config.json")
 
     def sidecar_files(self) -> list[Path]:
         """Non-weight files of a model directory (configs, tokenizer) an applied checkpoint needs."""
@@ -126,24 +124,78 @@ def _open_safetensors(file: Path):
         raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
 
 
+#: what a git-LFS pointer file starts with: the weights were never downloaded
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+_ZIP_MAGIC = b"PK\x03\x04"
+#: torch.save's legacy (pre-1.6, non-zip) format opens with this pickled magic number
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+
+
 def _load_torch_state(file: Path) -> dict[str, torch.Tensor]:
+    """A torch state dict, read weights-only; the file's first bytes decide how, so every failure has one cause."""
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        with open(file, "rb") as fh:
+            head = fh.read(len(_LEGACY_TORCH_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {file}: {err.strerror or err}") from None
+    if not head:
+        raise CheckpointError(f"{file} is empty (0 bytes)")
+    if head.startswith(_LFS_POINTER[:len(head)]) and _is_lfs_pointer(file):
+        raise CheckpointError(f"{file} is a git-LFS pointer, not the weights: run `git lfs pull` in its "
+                              "repository to fetch them")
+    if head.startswith(_ZIP_MAGIC):
+        _check_zip_complete(file)
+        obj = _torch_load(file, mmap=True)
+    elif head == _LEGACY_TORCH_MAGIC:
+        obj = _torch_load(file, mmap=False)  # the legacy format cannot be memory-mapped
+    elif head.startswith(b"\x80"):
+        raise UnsafeCheckpointError(f"{file} is a pickle that torch cannot read weights-only (a plain pickle, or a "
+                                    f"legacy torch file saved with pickle protocol {head[1]}) and unpickling it could "
+                                    "run code; refusing to load it. Convert it to safetensors in a trusted environment "
+                                    "first")
+    else:
+        raise CheckpointError(f"{file} is not a torch checkpoint (neither torch's zip format nor a pickle; "
+                              f"it starts with {head[:8]!r})")
+    return _check_storable(_unwrap_state_dict(obj, file), file)
+
+
+def _is_lfs_pointer(file: Path) -> bool:
+    with open(file, "rb") as fh:
+        return fh.read(len(_LFS_POINTER)) == _LFS_POINTER
+
+
+def _check_zip_complete(file: Path) -> None:
+    """A cut-off download loses the zip's central directory; say so rather than what the zip reader says."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(file) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise CheckpointError(f"{file} is truncated or corrupt (an incomplete zip archive); "
+                              "download or save it again") from None
+
+
+def _torch_load(file: Path, *, mmap: bool):
+    try:
+        with warnings.catch_warnings():  # the weights-only unpickler warns (several lines) about pickle protocols
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
-            f"{file} needs code execution to unpickle ({str(err).splitlines()[0][:160]}); refusing to load it. "
-            "Convert it to safetensors in a trusted environment first.") from None
-    except RuntimeError as err:
-        if "mmap" in str(err):  # old (non-zip) torch files cannot be memory-mapped
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as err2:
-                raise UnsafeCheckpointError(f"{file} needs code execution to unpickle; refusing to load it") from err2
-        else:
-            raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
-    except Exception as err:
-        raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
-    return _check_storable(_unwrap_state_dict(obj, file), file)
+            f"{file} needs code execution to unpickle ({_unpickler_reason(err)}); refusing to load it. "
+            "Convert it to safetensors in a trusted environment first") from None
+    except Exception as err:  # EOFError, RuntimeError, KeyError …: the pickle or an entry is cut off or damaged
+        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file} is truncated or corrupt: not a readable torch checkpoint ({reason})") from None
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The one line of torch's weights-only refusal that names what was refused."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return (reasons[0] if reasons else "an object the weights-only unpickler refuses").rstrip(".")
 
 
 def _unwrap_state_dict(obj, file: Path) -> dict[str, torch.Tensor]:
@@ -204,20 +256,49 @@ def _model_dir_files(path: Path) -> list[Path]:
     for index_name in _WEIGHT_INDEXES:
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
-                raise CheckpointError(f"{index} is not a valid weight index: {err}") from None
-            files = sorted({path / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{path}: shards listed in {index_name} are missing: {missing}")
-            return files
+            return _indexed_shards(path, index)
     for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt"):
         files = sorted(path.glob(pattern))
         if files:
             return files
     raise CheckpointError(f"{path} holds no weights (no *.safetensors, *.bin or *.pth files)")
+
+
+def _indexed_shards(path: Path, index: Path) -> list[Path]:
+    """The shard files a weight index names, each a relative path that stays inside the model folder.
+
+    The names are checked, not their symlink targets: a hub cache's snapshot folder links every shard
+    into its blob store, and a link placed in the folder is as trusted as the folder itself.
+    """
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is not a valid weight index: expected an object whose \"weight_map\" maps "
+                              "tensor names to shard file names")
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        if not shard or Path(shard).is_absolute() or ".." in Path(shard).parts or "\x00" in shard:
+            raise CheckpointError(f"{index} names shard {shard!r}, which is not a file inside {path}; refusing to "
+                                  "read it")
+        files.append(path / shard)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: shards listed in {index.name} are missing: {missing}")
+    return files
+
+
+def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``; NaN/Infinity (which Python's json accepts) and other values are refused."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not valid JSON")
+
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"), parse_constant=refuse)
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"cannot read {file}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"cannot read {file}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------
