@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .errors import ChecksumError, DeltaDCTError, FormatError
-from .io import SafetensorsWriter, atomic_path, check_output_path, dtype_from_name
+from .io import SAFETENSORS_DTYPES, SafetensorsWriter, atomic_path, check_output_path, dtype_name
 from .methods import Compressed, Method, create_method
 
 FORMAT_NAME = "deltadct"
@@ -221,7 +223,7 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
     try:  # RecursionError: deeply nested JSON arrays in a hostile header
         index = json.loads(raw)
         meta = index.pop("__metadata__", None) or {}
-        header = json.loads(meta[FORMAT_NAME])
+        header = json.loads(meta[FORMAT_NAME], parse_constant=_refuse_constant)  # canonical JSON has no NaN
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise FormatError(f"{path} is not a deltadct file (no valid deltadct header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
@@ -232,41 +234,114 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
     for key in ("method", "config", "entries", "base_fingerprint", "content_sha256"):
         if key not in header:
             raise FormatError(f"{path}: header lacks {key!r}")
-    if not isinstance(index, dict) or not all(isinstance(v, dict) and "data_offsets" in v for v in index.values()):
+    if not isinstance(index, dict):
         raise FormatError(f"{path}: malformed tensor index")
-    try:
-        data_end = max((int(v["data_offsets"][1]) for v in index.values()), default=0)
-    except (TypeError, ValueError, KeyError, IndexError, OverflowError):  # OverflowError: an offset of 1e400
-        raise FormatError(f"{path}: malformed tensor index") from None
-    _check_header_structure(path, header)
+    data_end = _check_index(path, index)
+    _check_header_structure(path, header, index)
     if 8 + n + data_end != size:
         raise FormatError(f"{path} is truncated or has trailing bytes: {size} bytes on disk, "
                           f"{8 + n + data_end} expected")
     return header, 8 + n, index
 
 
-def _check_header_structure(path: Path, header: dict) -> None:
-    """Types of the header fields readers index into, so a malformed header is a FormatError, not a crash."""
+#: bytes per element of each safetensors dtype, and the dtype names a compressed entry may record
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_STORABLE = {dtype_name(dtype): code for dtype, code in SAFETENSORS_DTYPES.items()}
+_DELTA_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(s) and s >= 0 for s in value)
+
+
+def _check_index(path: Path, index: dict) -> int:
+    """Every tensor's dtype, shape and byte span agree, and the spans tile the data from 0; returns its end."""
+    spans = []
+    for name, spec in index.items():
+        offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
+        if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and spec["dtype"] in _ITEM_BYTES
+                and _is_shape(spec.get("shape"))
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and offsets[1] - offsets[0] == _numel(spec["shape"]) * _ITEM_BYTES[spec["dtype"]]):
+            raise FormatError(f"{path}: malformed tensor index (tensor {name!r} needs a known dtype, a shape and "
+                              "data offsets spanning exactly its bytes)")
+        spans.append(offsets)
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise FormatError(f"{path}: malformed tensor index (tensor data overlaps or leaves gaps)")
+        end = stop
+    return end
+
+
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def _check_header_structure(path: Path, header: dict, index: dict) -> None:
+    """Type and value of every header field a reader uses, against the tensor index where they meet.
+
+    Unknown top-level keys are allowed (newer writers may add some); known ones must be well-formed.
+    """
     def bad(what: str) -> FormatError:
         return FormatError(f"{path}: malformed header ({what})")
 
     if not isinstance(header["method"], str) or not isinstance(header["config"], dict):
         raise bad("method must be a string and config an object")
+    for key in ("base_fingerprint", "content_sha256"):
+        if not (isinstance(header[key], str) and _SHA256.match(header[key])):
+            raise bad(f"{key} must be a sha256 hex digest")
     if not isinstance(header["entries"], dict):
         raise bad("entries must be an object")
     for name, entry in header["entries"].items():
-        if not (isinstance(entry, dict) and entry.get("kind") in ENTRY_KINDS and isinstance(entry.get("dtype"), str)
-                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("shape"), list)
-                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
-                and isinstance(entry.get("fields"), list) and all(isinstance(f, str) for f in entry["fields"])
-                and isinstance(entry.get("meta", {}), dict)):
-            raise bad(f"entry {name!r} needs a known kind, a dtype, a byte count, a shape of non-negative "
-                      "integers and a list of field names")
-    if not (isinstance(header.get("from_base", []), list) and all(isinstance(n, str) for n in header.get("from_base", []))):
+        _check_entry(name, entry, index, bad)
+    from_base = header.get("from_base", [])
+    if not (isinstance(from_base, list) and all(isinstance(n, str) for n in from_base)):
         raise bad("from_base must be a list of tensor names")
+    if len(set(from_base)) != len(from_base) or set(from_base) & set(header["entries"]):
+        twice = sorted({n for n in from_base if from_base.count(n) > 1} | (set(from_base) & set(header["entries"])))
+        raise bad(f"from_base names {twice[:3]} more than once or also as stored entries")
     key_map = header.get("key_map", {})
     if not (isinstance(key_map, dict) and all(isinstance(v, str) for v in key_map.values())):
         raise bad("key_map must map to strings")
+    if not isinstance(header.get("policy", {}), dict):
+        raise bad("policy must be an object")
+    if not isinstance(header.get("model_config"), (dict, type(None))):
+        raise bad("model_config must be an object or null")
+
+
+def _check_entry(name: str, entry: Any, index: dict, bad: Callable[[str], FormatError]) -> None:
+    if not (isinstance(entry, dict) and entry.get("kind") in ENTRY_KINDS and isinstance(entry.get("dtype"), str)
+            and _is_int(entry.get("bytes")) and entry["bytes"] >= 0 and _is_shape(entry.get("shape"))
+            and isinstance(entry.get("fields"), list) and entry["fields"]
+            and all(isinstance(f, str) and f for f in entry["fields"])
+            and len(set(entry["fields"])) == len(entry["fields"]) and isinstance(entry.get("meta", {}), dict)):
+        raise bad(f"entry {name!r} needs a known kind, a dtype, a byte count, a shape of non-negative "
+                  "integers and a list of distinct field names")
+    if entry["kind"] == "compressed":
+        if entry["dtype"] not in _DELTA_DTYPES:
+            raise bad(f"compressed entry {name!r} has dtype {entry['dtype']!r}; a delta is applied in one of "
+                      f"{list(_DELTA_DTYPES)}")
+    else:
+        if entry["fields"] != [VALUE_FIELD] or entry["dtype"] not in _STORABLE:
+            raise bad(f"{entry['kind']} entry {name!r} must have the one field {VALUE_FIELD!r} and a storable dtype")
+        spec = index.get(tensor_name(name, VALUE_FIELD))
+        if spec is not None and (spec["dtype"] != _STORABLE[entry["dtype"]] or spec["shape"] != entry["shape"]):
+            raise bad(f"entry {name!r} records dtype {entry['dtype']} and shape {entry['shape']} but its tensor is "
+                      f"{spec['dtype']} {spec['shape']}")
+    specs = [index.get(tensor_name(name, f)) for f in entry["fields"]]
+    if all(specs) and entry["bytes"] != sum(s["data_offsets"][1] - s["data_offsets"][0] for s in specs):
+        raise bad(f"entry {name!r} records {entry['bytes']} bytes but its tensors hold "
+                  f"{sum(s['data_offsets'][1] - s['data_offsets'][0] for s in specs)}")
+    rel_error = entry.get("rel_error", 0.0)
+    if not (isinstance(rel_error, (int, float)) and not isinstance(rel_error, bool) and math.isfinite(rel_error)
+            and rel_error >= 0):
+        raise bad(f"entry {name!r} has rel_error {rel_error!r}; expected a finite non-negative number")
 
 
 def data_checksum(path: Path, offset: int) -> str:
@@ -296,6 +371,10 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> DeltaFile:
     if expected != set(index):
         raise FormatError(f"{path}: tensors in the file do not match the header's entries")
     try:
+        create_method(header["method"], header["config"])
+    except DeltaDCTError as err:
+        raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used ({err})") from None
+    try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:
         raise FormatError(f"{path} is not a readable safetensors file: {err}") from None
@@ -306,11 +385,4 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> DeltaFile:
         except Exception as err:
             raise FormatError(f"{path}: cannot read tensor {name!r}: {err}") from None
 
-    for name, entry in header["entries"].items():
-        if entry.get("kind") not in ENTRY_KINDS:
-            raise FormatError(f"{path}: entry {name!r} has unknown kind {entry.get('kind')!r}")
-        try:
-            dtype_from_name(str(entry.get("dtype")))
-        except ValueError:
-            raise FormatError(f"{path}: entry {name!r} has unknown dtype {entry.get('dtype')!r}") from None
     return DeltaFile(header, get, size_bytes=path.stat().st_size, path=path)
