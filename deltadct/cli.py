@@ -6,7 +6,10 @@ no traceback, no partial output file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -16,6 +19,8 @@ from .methods import get_method_class, list_methods
 from .policy import TensorPolicy
 
 EXIT_ERROR = 2
+#: what a shell reports for a command killed by SIGPIPE (128 + 13), as `yes | head` shows
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _parse_sets(pairs: Sequence[str]) -> tuple[dict, dict]:
@@ -121,7 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`deltadct info … | head`): stop quietly with the status a SIGPIPE gives,
+        # and point stdout at /dev/null so the interpreter's final flush does not complain either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a stdout without a descriptor
+            os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     except DeltaDCTError as err:
         print(f"deltadct: error: {err}", file=sys.stderr)
         return EXIT_ERROR
