@@ -227,6 +227,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     method_id = config_hash(ident)
     reference_id = config_hash({k: v for k, v in ident.items() if k != "method"})
     store = ResultStore(store_path)
+    store.check_writable()  # before any computation: a result that cannot be stored is lost
 
     base, tasks = load_pair(cfg)
     done = set() if cfg.force else store.keys()

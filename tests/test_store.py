@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 
+from deltadct.errors import OutputError
 from experiments.store import ResultStore, config_hash
 
 
@@ -32,14 +37,82 @@ def test_a_key_is_stored_once_unless_forced(tmp_path):
     assert [r["value"] for r in store.records()] == [1, 3]
 
 
-def test_an_incomplete_last_line_is_skipped_with_a_warning(tmp_path):
+def test_an_incomplete_last_line_is_moved_aside_and_the_next_record_kept(tmp_path):
+    """A writer killed mid-line leaves no newline: the next append must not glue its record onto that line."""
     path = tmp_path / "r.jsonl"
     store = ResultStore(path)
     store.append(_record("a"))
     with open(path, "a") as fh:  # what a writer killed mid-line would leave
         fh.write('{"key": "b", "metr')
-    with pytest.warns(UserWarning, match="incomplete record"):
-        assert [r["key"] for r in store.records()] == ["a"]
+    with pytest.warns(UserWarning, match=r"r\.jsonl:2: moved a line that is not a record \(incomplete line\)"):
+        assert store.append(_record("c"))
+    assert [r["key"] for r in store.records()] == ["a", "c"]
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 2
+    assert (tmp_path / "r.jsonl.corrupt").read_text() == '{"key": "b", "metr\n'
+
+
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
+    """A hand-edited store whose last (valid) line lost its newline: the record stays and the next follows it."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_record("a")) + "\n" + json.dumps(_record("b")))
+    store = ResultStore(path)
+    assert store.append(_record("c"))
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    assert not (tmp_path / "r.jsonl.corrupt").exists()
+
+
+@pytest.mark.parametrize("line,why", [(b"5", "a JSON int, not an object"), (b"null", "a JSON NoneType, not an object"),
+                                      (b"[1, 2]", "a JSON list, not an object"), (b'{"key": "x\xff"}', "not UTF-8"),
+                                      (b'{"key": ', "not JSON")])
+def test_lines_that_are_not_records_are_quarantined_on_read(tmp_path, line: bytes, why: str):
+    path = tmp_path / "r.jsonl"
+    first, last = json.dumps(_record("a")).encode(), json.dumps(_record("b")).encode()
+    path.write_bytes(first + b"\n" + line + b"\n" + last + b"\n")
+    store = ResultStore(path)
+    with pytest.warns(UserWarning, match=rf"r\.jsonl:2: moved a line that is not a record \({re.escape(why)}\)"):
+        assert [r["key"] for r in store.records()] == ["a", "b"]
+    assert (tmp_path / "r.jsonl.corrupt").read_bytes() == line + b"\n"  # verbatim, recoverable by hand
+    assert path.read_bytes() == first + b"\n" + last + b"\n"  # the records themselves untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["key"] for r in store.records()] == ["a", "b"]  # quarantined once, not again
+
+
+def _unwritable_store(kind: str, root) -> str:
+    if kind == "parent_is_a_file":
+        (root / "afile").write_text("x")
+        return str(root / "afile" / "records.jsonl")
+    if kind == "store_is_a_directory":
+        (root / "records.jsonl").mkdir()
+        return str(root / "records.jsonl")
+    if kind == "store_is_a_fifo":
+        os.mkfifo(root / "records.jsonl")
+        return str(root / "records.jsonl")
+    return "/proc/deltadct-store/records.jsonl"  # /proc refuses new entries even for root
+
+
+@pytest.mark.parametrize("kind", ["parent_is_a_file", "store_is_a_directory", "store_is_a_fifo", "under_proc"])
+def test_check_writable_refuses_a_store_that_cannot_take_records(tmp_path, kind):
+    store = ResultStore(_unwritable_store(kind, tmp_path))
+    with pytest.raises(OutputError, match="result store .*records.jsonl"):
+        store.check_writable()
+    ResultStore(tmp_path / "new" / "records.jsonl").check_writable()  # a store still to be created is fine
+    assert not (tmp_path / "new" / "records.jsonl").exists()
+
+
+def test_runner_checks_the_store_before_any_work(tmp_path, monkeypatch):
+    """An unwritable store.path fails at start-up: no model loaded, nothing computed and then lost."""
+    from hydra import compose, initialize_config_dir
+
+    import experiments.run as run
+
+    monkeypatch.setattr(run, "load_pair", lambda cfg: pytest.fail("models were loaded before the store was checked"))
+    with initialize_config_dir(config_dir=str(run.CONF_DIR), version_base="1.3"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = compose("config", overrides=["model=zoo_vit", "zoo.mode=fast", "tasks=[parity]"])
+    with pytest.raises(OutputError, match="result store .*afile/records.jsonl is not writable"):
+        run.run_job(cfg, run_dir=tmp_path / "run", store_path=Path(_unwritable_store("parent_is_a_file", tmp_path)))
+    assert not (tmp_path / "run").exists()
 
 
 def _writer(path: str, worker: int, count: int) -> None:
