@@ -11,6 +11,7 @@ import errno
 import io
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,20 +21,22 @@ from safetensors.torch import load_file, save_file
 import deltadct
 from deltadct import cli
 from deltadct import errors as E
-from badinput.cases import CASES, PWNED, Case, finetune, weights, write_pair
+from badinput.cases import CASES, PWNED, Case, finetune, tree_state, weights, write_pair
 
 
-def _prepare(tmp_path: Path, case: Case) -> tuple[list[str], Path, dict[str, bytes]]:
+def _prepare(tmp_path: Path, case: Case, monkeypatch) -> tuple[list[str], dict[str, tuple]]:
     (tmp_path / "out").mkdir()
     argv = case.build(tmp_path)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
-    assert sorted(before) == sorted(case.preexisting)
-    return argv, tmp_path / "out", before
+    if case.cwd:
+        monkeypatch.chdir(tmp_path / case.cwd)
+    return argv, tree_state(tmp_path)
 
 
-def _assert_untouched(out_dir: Path, before: dict[str, bytes], root: Path) -> None:
-    after = {p.name: (p.read_bytes() if p.is_file() else None) for p in out_dir.iterdir()}
-    assert after == before, f"output directory changed: {sorted(after)} (was {sorted(before)})"
+def _assert_untouched(root: Path, before: dict[str, tuple]) -> None:
+    """Nothing under the case's folder changed: inputs, unrelated files, the refused output, no temporaries."""
+    after = tree_state(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"files changed: {changed}"
     assert not (root / PWNED).exists(), "code from a checkpoint was executed"
 
 
@@ -45,26 +48,33 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_cli_reports_one_line(case: Case, tmp_path: Path):
-    argv, out_dir, before = _prepare(tmp_path, case)
-    rc, stderr = run_cli(argv)
+def test_cli_reports_one_line(case: Case, tmp_path: Path, monkeypatch):
+    argv, before = _prepare(tmp_path, case, monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:  # a warning would print lines of its own
+        warnings.simplefilter("always")
+        rc, stderr = run_cli(argv)
     assert rc == cli.EXIT_ERROR, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deltadct: error: "), stderr
     assert "Traceback" not in stderr
+    assert [str(w.message) for w in caught] == []
     for needle in case.mentions:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    _assert_untouched(out_dir, before, tmp_path)
+    _assert_untouched(tmp_path, before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_api_raises_typed_error(case: Case, tmp_path: Path):
-    argv, out_dir, before = _prepare(tmp_path, case)
+def test_api_raises_typed_error(case: Case, tmp_path: Path, monkeypatch):
+    argv, before = _prepare(tmp_path, case, monkeypatch)
     args = cli.build_parser().parse_args(argv)
     with pytest.raises(case.error) as info:
         cli.run(args)  # the API calls themselves, without main()'s error printing
     assert "\n" not in str(info.value)
-    _assert_untouched(out_dir, before, tmp_path)
+    _assert_untouched(tmp_path, before)
+
+
+def test_corpus_ids_are_unique():
+    assert len({c.id for c in CASES}) == len(CASES)
 
 
 # ---------------------------------------------------------------------------------------------

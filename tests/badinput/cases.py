@@ -2,15 +2,19 @@
 
 Each case builds its inputs in a fresh directory and returns the ``deltadct`` command line that must
 fail. ``tests/test_badinput.py`` runs every case twice — through ``deltadct.cli.main`` (exit status 2,
-one ``deltadct: error:`` line naming ``mentions``, no traceback) and through the Python API the CLI
-calls (the typed ``error``) — and checks that the output directory is left exactly as it was.
+one ``deltadct: error:`` line naming ``mentions``, no traceback, no warning) and through the Python API
+the CLI calls (the typed ``error``) — and checks that nothing in the case's directory changed: every
+input, every unrelated file, and the output that was refused (hashes of the whole tree before and
+after). Destructive cases (``--overwrite`` onto an input, the current directory, a special file) run
+there too; a FIFO stands in for a device node such as ``/dev/null``.
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltadct import errors as E
-from deltadct.format import FORMAT_NAME, read_header
+from deltadct.format import FORMAT_NAME, content_checksum, read_header
 from deltadct.io import encode_header
 
 #: the file an unpickled payload would create; its absence proves no code ran
@@ -33,8 +37,8 @@ class Case:
     error: type[E.DeltaDCTError]
     #: substrings the one-line message must contain: what is wrong and where
     mentions: tuple[str, ...]
-    #: files that must exist in ``root / "out"`` before and after (e.g. an output that already exists)
-    preexisting: tuple[str, ...] = field(default=())
+    #: the working directory the command runs in, relative to ``root`` ("" = the test's own)
+    cwd: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,16 +82,41 @@ def good_delta(root: Path) -> tuple[str, Path]:
     return base, root / "good.safetensors"
 
 
-def rewrite_header(src: Path, dst: Path, edit_header=None, edit_index=None) -> Path:
-    """Copy a delta file with its deltadct header and/or tensor index edited (checksum left as is)."""
+def rewrite_header(src: Path, dst: Path, edit_header=None, edit_index=None, *, rechecksum: bool = False) -> Path:
+    """Copy a delta file with its deltadct header and/or tensor index edited.
+
+    With ``rechecksum`` the content checksum is recomputed over the edit, as a crafted file would do, so
+    the edit reaches the field checks instead of stopping at the checksum.
+    """
     header, offset, index = read_header(src)
     data = src.read_bytes()[offset:]
     if edit_header:
         edit_header(header)
     if edit_index:
         edit_index(index)
+    if rechecksum:
+        header["content_sha256"] = content_checksum(header, hashlib.sha256(data).hexdigest(), index)
     dst.write_bytes(encode_header(index, {FORMAT_NAME: json.dumps(header)}) + data)
     return dst
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (not following links, never opening special files): kind, mode, content."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if path.is_symlink():
+                state[str(path.relative_to(root))] = ("link", os.readlink(path))
+            elif path.is_dir():
+                state[str(path.relative_to(root))] = ("dir", st.st_mode)
+            elif path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                state[str(path.relative_to(root))] = ("file", st.st_mode, st.st_ino, digest)
+            else:
+                state[str(path.relative_to(root))] = ("special", st.st_mode, st.st_ino)
+    return state
 
 
 def raw_header_file(path: Path, text: str) -> Path:
@@ -279,6 +308,175 @@ def _file_as_parent(root: Path) -> Path:
     return root / "out" / "afile" / "d.safetensors"
 
 
+# -- outputs that would destroy an input, the working directory or something not ours -------------
+def _model_dirs(root: Path, holder: str = "good") -> tuple[Path, Path]:
+    """``root/holder/{base,ft}``: a base and a fine-tuned model directory side by side."""
+    (root / holder / "base").mkdir(parents=True)
+    (root / holder / "ft").mkdir()
+    base = weights()
+    save_file(base, root / holder / "base" / "model.safetensors")
+    save_file(finetune(base), root / holder / "ft" / "model.safetensors")
+    return root / holder / "base", root / holder / "ft"
+
+
+def _apply_argv(base, delta, out, *extra: str) -> list[str]:
+    return ["apply", "--base", str(base), "--delta", str(delta), "--out", str(out), "--quiet", *extra]
+
+
+def _compress_onto_input(which: str):
+    """``compress --out`` naming one of its own input files, with ``--overwrite``."""
+    def build(root: Path) -> list[str]:
+        base, ft = ok_pair(root)
+        return compress_argv(root, base, ft, "--overwrite", out={"base": base, "finetuned": ft}[which])
+    return build
+
+
+def _compress_inside_base_dir(root: Path) -> list[str]:
+    base, ft = _model_dirs(root)
+    return compress_argv(root, str(base), str(ft), out=str(base / "ft.delta.safetensors"))
+
+
+def _apply_onto(target: str):
+    """``apply --out`` at the base directory itself, or at the folder holding base and fine-tune."""
+    def build(root: Path) -> list[str]:
+        from deltadct import compress
+
+        base, ft = _model_dirs(root)
+        compress(base, ft, out=root / "good.delta.safetensors", progress=False)
+        out = {"base": base, "holder": root / "good"}[target]
+        return _apply_argv(base, root / "good.delta.safetensors", out, "--overwrite")
+    return build
+
+
+def _apply_into_cwd(out: str):
+    """``cd work && apply --out . --overwrite`` (or ``..`` from a folder below) next to an unrelated file."""
+    def build(root: Path) -> list[str]:
+        from deltadct import compress
+
+        work = root / "work"
+        base, ft = _model_dirs(work, holder="good")
+        compress(base, ft, out=work / "good.delta.safetensors", progress=False)
+        (work / "notes.txt").write_text("an unrelated file")
+        (work / "sub").mkdir()
+        prefix = "../" if out == ".." else ""
+        return _apply_argv(f"{prefix}good/base", f"{prefix}good.delta.safetensors", out, "--overwrite")
+    return build
+
+
+def _fifo_out(*extra: str):
+    """A FIFO stands in for /dev/null: a special file that must never be replaced by a regular one."""
+    def build(root: Path) -> list[str]:
+        os.mkfifo(root / "out" / "null")
+        return compress_argv(root, *ok_pair(root), *extra, out=str(root / "out" / "null"))
+    return build
+
+
+def _link_to_input(kind: str):
+    def build(root: Path) -> list[str]:
+        base, ft = ok_pair(root)
+        link = root / "out" / "d.safetensors"
+        os.link(ft, link) if kind == "hard" else os.symlink(ft, link)
+        return compress_argv(root, base, ft, "--overwrite", out=str(link))
+    return build
+
+
+def _symlink_elsewhere(root: Path) -> list[str]:
+    (root / "elsewhere.txt").write_text("someone else's file")
+    os.symlink(root / "elsewhere.txt", root / "out" / "d.safetensors")
+    return compress_argv(root, *ok_pair(root), "--overwrite")
+
+
+def _apply_onto_unmarked(kind: str):
+    """``apply --overwrite`` onto a directory deltadct did not write, or onto a regular file."""
+    def build(root: Path) -> list[str]:
+        base, good = good_delta(root)
+        target = root / "out" / "mine"
+        if kind == "dir":
+            target.mkdir()
+            (target / "thesis.tex").write_text("years of work")
+        else:
+            target.write_text("a file")
+        return _apply_argv(base, good, target, "--overwrite")
+    return build
+
+
+def _compress_onto_dir(root: Path) -> list[str]:
+    (root / "out" / "somedir").mkdir()
+    (root / "out" / "somedir" / "keep.txt").write_text("x")
+    return compress_argv(root, *ok_pair(root), "--overwrite", out=str(root / "out" / "somedir"))
+
+
+# -- crafted headers whose checksum is recomputed --------------------------------------------------
+def _crafted(command: str, edit_header=None, edit_index=None):
+    def make(good: Path, dst: Path) -> Path:
+        return rewrite_header(good, dst, edit_header, edit_index, rechecksum=True)
+    return _delta_cmd(command, make)
+
+
+def _on_entry(kind: str, **changes):
+    def edit(header):
+        name = next(n for n, e in header["entries"].items() if e["kind"] == kind)
+        header["entries"][name].update(changes)
+    return edit
+
+
+def _from_base_duplicate(header):
+    header["from_base"] = [next(iter(header["entries"]))]
+
+
+def _unknown_method(header):
+    header["method"] = "jpeg"
+
+
+def _bad_method_config(header):
+    header["config"]["patch_size"] = 0
+
+
+# -- checkpoints with malformed side files or unreadable torch files ------------------------------
+def _ft_dir_with(files: dict[str, bytes | str], *, weights_file: bool = True):
+    """A fine-tuned model directory holding ``files`` (and, by default, a valid model.safetensors)."""
+    def build(root: Path) -> list[str]:
+        base, ft = ok_pair(root)
+        (root / "ftdir").mkdir()
+        if weights_file:
+            save_file(finetune(weights()), root / "ftdir" / "model.safetensors")
+        for name, content in files.items():
+            target = root / "ftdir" / name
+            target.write_bytes(content.encode() if isinstance(content, str) else content)
+        return compress_argv(root, base, str(root / "ftdir"))
+    return build
+
+
+def _index_escaping_to_base(root: Path) -> list[str]:
+    """A fine-tuned folder whose index points at the base's own shard (read as the fine-tune until now)."""
+    base, ft = _model_dirs(root)
+    (ft / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "../base/model.safetensors" for k in weights()}}))
+    return compress_argv(root, str(base), str(ft))
+
+
+def _torch_file(kind: str):
+    """A fine-tuned ``.bin`` that is empty, text, a cut-off zip or a cut-off legacy torch file."""
+    def build(root: Path) -> list[str]:
+        base, _ = ok_pair(root)
+        path = root / "ft.bin"
+        if kind == "empty":
+            path.write_bytes(b"")
+        elif kind == "text":
+            path.write_text("this is not a checkpoint\n")
+        else:
+            torch.save(finetune(weights()), path, _use_new_zipfile_serialization=(kind == "truncated_zip"))
+            raw = path.read_bytes()
+            path.write_bytes(raw[: len(raw) // 2])
+        return compress_argv(root, base, str(path))
+    return build
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 1048576\n")
+
+
+
 # ---------------------------------------------------------------------------------------------
 # the corpus
 # ---------------------------------------------------------------------------------------------
@@ -373,13 +571,93 @@ CASES: list[Case] = [
     Case("corrupt_safetensors_checkpoint", _corrupt_safetensors, E.CheckpointError, ("junk.safetensors",)),
     Case("missing_checkpoint", _missing_checkpoint, E.CheckpointError, ("nowhere.safetensors", "does not exist")),
     # outputs that cannot be written
-    Case("compress_out_exists", _out_exists("compress"), E.OutputError, ("taken", "exists", "--overwrite"),
-         preexisting=("taken",)),
-    Case("apply_out_exists", _out_exists("apply"), E.OutputError, ("taken", "exists"), preexisting=("taken",)),
+    Case("compress_out_exists", _out_exists("compress"), E.OutputError, ("taken", "exists", "--overwrite")),
+    Case("apply_out_exists", _out_exists("apply"), E.OutputError, ("taken", "exists")),
     Case("out_missing_parent", _out_at(lambda root: root / "out" / "no" / "such" / "d.safetensors"), E.OutputError,
          ("no/such", "does not exist")),
-    Case("out_parent_is_file", _out_at(_file_as_parent), E.OutputError, ("afile",), preexisting=("afile",)),
+    Case("out_parent_is_file", _out_at(_file_as_parent), E.OutputError, ("afile",)),
     # /proc refuses new files even for root, although os.access says it is writable
     Case("out_under_proc", _out_at(lambda root: Path("/proc/deltadct-test.safetensors")), E.OutputError,
          ("/proc",)),
+
+    # outputs that are, contain or lie inside an input; the working directory; what deltadct did not write
+    Case("compress_onto_finetuned_file", _compress_onto_input("finetuned"), E.OutputError,
+         ("ft.safetensors", "is an input")),
+    Case("compress_onto_base_file", _compress_onto_input("base"), E.OutputError, ("base.safetensors", "is an input")),
+    Case("compress_into_base_dir", _compress_inside_base_dir, E.OutputError,
+         ("ft.delta.safetensors", "lies inside the input", "good/base")),
+    Case("apply_onto_base_dir", _apply_onto("base"), E.OutputError, ("good/base", "is an input")),
+    Case("apply_onto_folder_holding_inputs", _apply_onto("holder"), E.OutputError, ("contains the input", "good/base")),
+    Case("apply_onto_current_directory", _apply_into_cwd("."), E.OutputError, ("output .", "current directory"),
+         cwd="work"),
+    Case("apply_onto_parent_of_current_directory", _apply_into_cwd(".."), E.OutputError,
+         ("output ..", "parent of the current directory"), cwd="work/sub"),
+    Case("compress_onto_fifo_overwrite", _fifo_out("--overwrite"), E.OutputError,
+         ("out/null", "special file", "not a regular file")),
+    Case("compress_onto_fifo", _fifo_out(), E.OutputError, ("out/null", "already exists")),
+    Case("compress_onto_hard_link_to_input", _link_to_input("hard"), E.OutputError, ("d.safetensors", "hard link")),
+    Case("compress_onto_symlink_to_input", _link_to_input("symbolic"), E.OutputError,
+         ("d.safetensors", "is an input", "ft.safetensors")),
+    Case("compress_onto_symlink_elsewhere", _symlink_elsewhere, E.OutputError, ("d.safetensors", "symbolic link")),
+    Case("apply_onto_unmarked_directory", _apply_onto_unmarked("dir"), E.OutputError,
+         ("out/mine", "did not write", ".deltadct-output")),
+    Case("apply_onto_regular_file", _apply_onto_unmarked("file"), E.OutputError, ("out/mine", "not a directory")),
+    Case("compress_onto_directory", _compress_onto_dir, E.OutputError, ("somedir", "a directory, not a regular file")),
+    # crafted headers (checksum recomputed): every field a reader can check is checked
+    Case("crafted_compressed_dtype_bool", _crafted("apply", _on_entry("compressed", dtype="bool")), E.FormatError,
+         ("bad.safetensors", "dtype 'bool'")),
+    Case("crafted_compressed_dtype_complex64", _crafted("apply", _on_entry("compressed", dtype="complex64")),
+         E.FormatError, ("bad.safetensors", "'complex64'")),
+    Case("crafted_compressed_dtype_float8", _crafted("apply", _on_entry("compressed", dtype="float8_e4m3fn")),
+         E.FormatError, ("bad.safetensors", "'float8_e4m3fn'")),
+    Case("crafted_kept_dtype_mismatch", _crafted("apply", _on_entry("kept", dtype="int32")), E.FormatError,
+         ("bad.safetensors", "int32", "F32")),
+    Case("crafted_kept_shape_mismatch", _crafted("apply", _on_entry("kept", shape=[8, 8])), E.FormatError,
+         ("bad.safetensors", "[8, 8]")),
+    Case("crafted_byte_count", _crafted("info", _on_entry("compressed", bytes=1)), E.FormatError,
+         ("bad.safetensors", "records 1 bytes")),
+    Case("crafted_fields_twice", _crafted("apply", _on_entry("kept", fields=["value", "value"])), E.FormatError,
+         ("bad.safetensors", "distinct field names")),
+    Case("crafted_meta_not_object", _crafted("apply", _on_entry("compressed", meta=[1])), E.FormatError,
+         ("bad.safetensors", "entry")),
+    Case("crafted_from_base_duplicates_entry", _crafted("apply", _from_base_duplicate), E.FormatError,
+         ("bad.safetensors", "from_base")),
+    Case("crafted_rel_error_text", _crafted("info", _on_entry("compressed", rel_error="abc")), E.FormatError,
+         ("bad.safetensors", "rel_error 'abc'")),
+    # NaN is not JSON: such a header cannot even have a checksum, and is refused as it is parsed
+    Case("header_rel_error_nan", _delta_cmd("info", lambda good, dst: rewrite_header(
+        good, dst, _on_entry("compressed", rel_error=float("nan")))), E.FormatError,
+         ("bad.safetensors", "not a deltadct file")),
+    Case("crafted_fingerprint_not_digest", _crafted("verify", lambda h: h.update(base_fingerprint=7)), E.FormatError,
+         ("bad.safetensors", "base_fingerprint")),
+    Case("crafted_unknown_method", _crafted("info", _unknown_method), E.FormatError, ("bad.safetensors", "'jpeg'")),
+    Case("crafted_method_config_out_of_range", _crafted("apply", _bad_method_config), E.FormatError,
+         ("bad.safetensors", "patch_size")),
+    Case("crafted_index_span_wrong", _crafted("verify", edit_index=lambda i: next(iter(i.values()))["shape"].append(3)),
+         E.FormatError, ("bad.safetensors", "tensor index")),
+    # model folders with malformed side files
+    Case("config_json_nan", _ft_dir_with({"config.json": '{"hidden_size": 64, "layer_norm_eps": NaN}'}),
+         E.CheckpointError, ("ftdir/config.json", "NaN")),
+    Case("config_json_not_object", _ft_dir_with({"config.json": "[1, 2]"}), E.CheckpointError,
+         ("ftdir/config.json", "JSON object")),
+    Case("config_json_not_utf8", _ft_dir_with({"config.json": b'{"name": "\xff"}'}), E.CheckpointError,
+         ("ftdir/config.json",)),
+    Case("index_a_list", _ft_dir_with({"model.safetensors.index.json": "[1, 2]"}), E.CheckpointError,
+         ("model.safetensors.index.json", "JSON object")),
+    Case("index_shard_not_a_string", _ft_dir_with({"model.safetensors.index.json": '{"weight_map": {"a": 5}}'}),
+         E.CheckpointError, ("model.safetensors.index.json", "weight_map")),
+    Case("index_weight_map_a_list", _ft_dir_with({"model.safetensors.index.json": '{"weight_map": ["a"]}'}),
+         E.CheckpointError, ("model.safetensors.index.json", "weight_map")),
+    Case("index_absolute_shard", _ft_dir_with({"model.safetensors.index.json":
+                                               '{"weight_map": {"enc.weight": "/etc/passwd"}}'}),
+         E.CheckpointError, ("'/etc/passwd'", "not a file inside")),
+    Case("index_shard_outside_folder", _index_escaping_to_base, E.CheckpointError,
+         ("'../base/model.safetensors'", "not a file inside")),
+    # torch files that cannot be read, each with its own cause
+    Case("bin_empty", _torch_file("empty"), E.CheckpointError, ("ft.bin", "empty")),
+    Case("bin_text", _torch_file("text"), E.CheckpointError, ("ft.bin", "not a torch checkpoint")),
+    Case("bin_truncated_zip", _torch_file("truncated_zip"), E.CheckpointError, ("ft.bin", "truncated")),
+    Case("bin_truncated_legacy", _torch_file("truncated_legacy"), E.CheckpointError, ("ft.bin", "truncated")),
+    Case("bin_git_lfs_pointer", _ft_dir_with({"pytorch_model.bin": LFS_POINTER}, weights_file=False),
+         E.CheckpointError, ("pytorch_model.bin", "git-LFS pointer", "git lfs pull")),
 ]
