@@ -6,9 +6,10 @@ after a seeded random delay drawn over the measured runtime of one uninterrupted
 finishes before its kill), so kills land while tensors are read, compressed, spooled, assembled and renamed.
 
 A killed process cannot clean up after itself, so its temporaries may remain: the spool
-(``.spool.*.tmp``) and the output being assembled (``.<output name>.*.tmp``). They are dot-prefixed,
-end in ``.tmp`` and never carry the output's name, so nothing that reads ``--out`` can mistake one
-for a result; they are safe to delete. Anything else in the directory fails the test.
+(``.deltadct-spool.*.tmp``) and the output being assembled (``.deltadct-<output name>.*.tmp``). They
+are dot-prefixed, end in ``.tmp`` and never carry the output's name, so nothing that reads ``--out``
+can mistake one for a result; the next run writing into that folder removes them (they are older
+than it and no live process holds their lock). Anything else in the directory fails the test.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import deltadct
 from deltadct import cli
+from deltadct.io import OUTPUT_MARKER
 
 SEED = 20250309
 COMPRESS_TRIALS = 20
@@ -32,7 +34,7 @@ APPLY_TRIALS = 8
 #: trials are drawn until that many kills landed mid-run, at most this many times the count
 MAX_TRIALS_FACTOR = 3
 #: what a killed writer may leave: its dot-prefixed temporaries (spool, or the output being assembled)
-TEMP_NAME = re.compile(r"^\.(spool|out\.safetensors|model)\..+\.tmp$")
+TEMP_NAME = re.compile(r"^\.deltadct-(spool|out\.safetensors|model)\.[a-z0-9_]{8}\.tmp$")
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +124,14 @@ def test_sigkill_during_compress_leaves_nothing_or_a_verified_file(forkserver, p
         assert complete or killed
         outcomes["complete" if complete else "nothing"] += 1
         outcomes["temporaries_left"] += bool(others)
-        _clean(out_dir)
+        if complete:
+            out.unlink()  # the next trial writes it anew; temporaries stay, for the next run to sweep
     print(f"compress runtime {runtime:.2f}s, {trials} trials, {interrupted} kills mid-run: {outcomes}")
     assert interrupted >= COMPRESS_TRIALS  # the kills really landed inside the run
     assert outcomes["nothing"] >= 1
+    time.sleep(0.05)  # the next run starts strictly after the last temporary was written
+    _run(forkserver, argv, None)  # one uninterrupted run removes whatever the killed ones left
+    assert sorted(p.name for p in out_dir.iterdir()) == [out.name]
 
 
 def test_sigkill_during_apply_leaves_nothing_or_a_complete_model_dir(forkserver, pair, tmp_path):
@@ -148,7 +154,7 @@ def test_sigkill_during_apply_leaves_nothing_or_a_complete_model_dir(forkserver,
         killed_count += killed
         complete, _ = _leftovers(out_dir, "model")
         if complete:
-            assert sorted(p.name for p in (out_dir / "model").iterdir()) == ["model.safetensors"]
+            assert sorted(p.name for p in (out_dir / "model").iterdir()) == [OUTPUT_MARKER, "model.safetensors"]
             got = load_file(out_dir / "model" / "model.safetensors")
             assert got.keys() == expected.keys()
             assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -158,3 +158,46 @@ def test_tampered_and_truncated_files_are_refused(real_pair, tmp_path):
     (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[:-10])
     with pytest.raises(FormatError, match="truncated"):
         deltadct.load(tmp_path / "short.safetensors")
+
+
+def test_unknown_top_level_header_keys_are_read(real_pair, tmp_path):
+    """A newer writer may add header fields (e.g. a library version): readers check known ones only."""
+    import hashlib
+
+    from deltadct import format as F
+    from deltadct.io import encode_header
+
+    path = deltadct.compress(*real_pair, out=tmp_path / "d.safetensors", progress=False).path
+    header, offset, index = F.read_header(path)
+    data = path.read_bytes()[offset:]
+    header.update(library_version="9.9.9", explicit_options={"patch_size": 16})
+    header["content_sha256"] = F.content_checksum(header, hashlib.sha256(data).hexdigest(), index)
+    newer = tmp_path / "newer.safetensors"
+    newer.write_bytes(encode_header(index, {F.FORMAT_NAME: F.canonical_json(header)}) + data)
+    assert deltadct.verify(newer, real_pair[0])["fingerprint"] == "ok"
+    expected = deltadct.apply(real_pair[0], path, progress=False)
+    got = deltadct.apply(real_pair[0], newer, progress=False)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("dtype", "bool", "dtype 'bool'"), ("dtype", "int8", "dtype 'int8'"), ("rel_error", -0.5, "rel_error -0.5"),
+    ("rel_error", True, "rel_error True"), ("bytes", -1, "byte count"), ("shape", [4, -1], "non-negative"),
+])
+def test_compressed_entry_fields_are_checked_after_a_recomputed_checksum(real_pair, tmp_path, field, value, needle):
+    import hashlib
+    import re
+
+    from deltadct import format as F
+    from deltadct.io import encode_header
+
+    path = deltadct.compress(*real_pair, out=tmp_path / "d.safetensors", progress=False).path
+    header, offset, index = F.read_header(path)
+    data = path.read_bytes()[offset:]
+    name = next(n for n, e in header["entries"].items() if e["kind"] == "compressed")
+    header["entries"][name][field] = value
+    header["content_sha256"] = F.content_checksum(header, hashlib.sha256(data).hexdigest(), index)
+    crafted = tmp_path / "crafted.safetensors"
+    crafted.write_bytes(encode_header(index, {F.FORMAT_NAME: json.dumps(header)}) + data)
+    with pytest.raises(FormatError, match=re.escape(needle)):
+        deltadct.load(crafted)
