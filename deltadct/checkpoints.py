@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .errors import CheckpointError, KeyMismatchError, ShapeMismatchError, UnsafeCheckpointError
-from .io import SAFETENSORS_DTYPES
+from .io import SAFETENSORS_DTYPES, refuse_json_constant
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -107,9 +107,7 @@ class CheckpointReader:
 
 
 def _st_dtype(name: str, key: str, file: Path) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+    table = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
     if name not in table:
         raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {name}")
     return table[name]
@@ -289,11 +287,8 @@ def _indexed_shards(path: Path, index: Path) -> list[Path]:
 
 def _read_json(file: Path) -> dict:
     """A JSON object from ``file``; NaN/Infinity (which Python's json accepts) and other values are refused."""
-    def refuse(constant: str):
-        raise ValueError(f"{constant} is not valid JSON")
-
     try:
-        obj = json.loads(file.read_text(encoding="utf-8"), parse_constant=refuse)
+        obj = json.loads(file.read_text(encoding="utf-8"), parse_constant=refuse_json_constant)
     except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"cannot read {file}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     if not isinstance(obj, dict):

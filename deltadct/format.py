@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ChecksumError, DeltaDCTError, FormatError
-from .io import SAFETENSORS_DTYPES, SafetensorsWriter, atomic_path, check_output_path, dtype_name
+from .io import SAFETENSORS_DTYPES, SafetensorsWriter, atomic_path, check_output_path, dtype_name, refuse_json_constant
 from .methods import Compressed, Method, create_method
 
 FORMAT_NAME = "deltadct"
@@ -223,7 +223,7 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
     try:  # RecursionError: deeply nested JSON arrays in a hostile header
         index = json.loads(raw)
         meta = index.pop("__metadata__", None) or {}
-        header = json.loads(meta[FORMAT_NAME], parse_constant=_refuse_constant)  # canonical JSON has no NaN
+        header = json.loads(meta[FORMAT_NAME], parse_constant=refuse_json_constant)  # canonical JSON has no NaN
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise FormatError(f"{path} is not a deltadct file (no valid deltadct header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
@@ -244,10 +244,11 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
     return header, 8 + n, index
 
 
-#: bytes per element of each safetensors dtype, and the dtype names a compressed entry may record
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+#: bytes per element of each safetensors dtype code; the code of each storable torch dtype name
+_ITEM_BYTES = {code: dtype.itemsize for dtype, code in SAFETENSORS_DTYPES.items()}
 _STORABLE = {dtype_name(dtype): code for dtype, code in SAFETENSORS_DTYPES.items()}
-_DELTA_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: what a compressed entry's dtype may be: apply adds the delta in float32 and casts to it
+_DELTA_DTYPES = tuple(name for name in _STORABLE if getattr(torch, name).is_floating_point)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -277,10 +278,6 @@ def _check_index(path: Path, index: dict) -> int:
             raise FormatError(f"{path}: malformed tensor index (tensor data overlaps or leaves gaps)")
         end = stop
     return end
-
-
-def _refuse_constant(constant: str):
-    raise ValueError(f"{constant} is not valid JSON")
 
 
 def _check_header_structure(path: Path, header: dict, index: dict) -> None:

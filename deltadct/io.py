@@ -53,6 +53,11 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+def refuse_json_constant(constant: str):
+    """``json.loads(parse_constant=...)``: Python's json reads NaN/Infinity, which JSON does not have."""
+    raise ValueError(f"{constant} is not valid JSON")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Raw little-endian bytes of a tensor (any dtype, bf16 included), without a copy when contiguous."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)

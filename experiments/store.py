@@ -79,6 +79,8 @@ class ResultStore:
                     os.close(fd)
         except OutputError:
             raise
+        except (FileExistsError, NotADirectoryError) as err:  # a file where a folder of the path should be
+            raise OutputError(f"result store {self.path} is not writable: {err.filename} is not a directory") from None
         except OSError as err:
             raise OutputError(f"result store {self.path} is not writable: {err.strerror or err}"
                               f"{f' ({err.filename})' if err.filename else ''}") from None
