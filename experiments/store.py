@@ -69,14 +69,11 @@ class ResultStore:
         """Raise :class:`OutputError` now, before any work, if records could not be appended here."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644))
             if os.path.lexists(self.path):
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)  # NONBLOCK: a FIFO would hang
-                try:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
-                        raise OutputError(f"result store {self.path} is not a regular file")
-                finally:
-                    os.close(fd)
+                if not stat.S_ISREG(os.stat(self.path).st_mode):
+                    raise OutputError(f"result store {self.path} is not a regular file")
+                os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND))
+            os.close(os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644))
         except OutputError:
             raise
         except (FileExistsError, NotADirectoryError) as err:  # a file where a folder of the path should be

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
+import re
 import subprocess
 import tempfile
 import warnings
@@ -21,7 +23,9 @@ from safetensors.torch import load_file, save_file
 import deltadct
 from deltadct import cli
 from deltadct import errors as E
-from badinput.cases import CASES, PWNED, Case, finetune, tree_state, weights, write_pair
+from badinput.cases import (CASES, PWNED, STORE_CASES, UNWRITABLE_STORES, Case, StoreCase, finetune, tree_state,
+                             unwritable_store, weights, write_pair)
+from experiments.store import ResultStore
 
 
 def _prepare(tmp_path: Path, case: Case, monkeypatch) -> tuple[list[str], dict[str, tuple]]:
@@ -75,6 +79,42 @@ def test_api_raises_typed_error(case: Case, tmp_path: Path, monkeypatch):
 
 def test_corpus_ids_are_unique():
     assert len({c.id for c in CASES}) == len(CASES)
+    assert len({c.id for c in STORE_CASES}) == len(STORE_CASES)
+
+
+# ---------------------------------------------------------------------------------------------
+# the result store loses no record
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", STORE_CASES, ids=[c.id for c in STORE_CASES])
+def test_store_moves_what_is_not_a_record_aside_and_loses_nothing(case: StoreCase, tmp_path: Path):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(case.content)
+    lines = case.content.split(b"\n")
+    bad_numbers = {number for number, _ in case.bad_lines}
+    kept = [json.loads(line) for number, line in enumerate(lines, 1) if line.strip() and number not in bad_numbers]
+    store = ResultStore(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert store.append({"key": "new", "metrics": {}})
+    assert [str(w.message) for w in caught] == [
+        f"{path}:{number}: moved a line that is not a record ({why}) to {path}.corrupt" for number, why in case.bad_lines]
+    assert store.records() == [*kept, {"key": "new", "metrics": {}}]
+    assert path.read_bytes().endswith(b"\n")
+    corrupt = path.with_name("records.jsonl.corrupt")
+    assert (corrupt.read_bytes() if corrupt.exists() else b"") == b"".join(lines[n - 1] + b"\n" for n in sorted(bad_numbers))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quarantined once: reading again finds nothing to move
+        assert store.records() == [*kept, {"key": "new", "metrics": {}}]
+
+
+@pytest.mark.parametrize("kind", UNWRITABLE_STORES)
+def test_store_that_cannot_take_records_is_refused_up_front(kind: str, tmp_path: Path):
+    path = unwritable_store(kind, tmp_path)
+    before = tree_state(tmp_path)
+    with pytest.raises(E.OutputError, match=rf"result store {re.escape(str(path))} is not (writable|a regular file)") as info:
+        ResultStore(path).check_writable()
+    assert "\n" not in str(info.value)
+    assert tree_state(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------

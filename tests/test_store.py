@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import re
 import warnings
-from pathlib import Path
 
 import pytest
 
 from deltadct.errors import OutputError
+from badinput.cases import unwritable_store
 from experiments.store import ResultStore, config_hash
 
 
@@ -61,43 +60,20 @@ def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
     assert not (tmp_path / "r.jsonl.corrupt").exists()
 
 
-@pytest.mark.parametrize("line,why", [(b"5", "a JSON int, not an object"), (b"null", "a JSON NoneType, not an object"),
-                                      (b"[1, 2]", "a JSON list, not an object"), (b'{"key": "x\xff"}', "not UTF-8"),
-                                      (b'{"key": ', "not JSON")])
-def test_lines_that_are_not_records_are_quarantined_on_read(tmp_path, line: bytes, why: str):
+def test_check_writable_accepts_a_store_still_to_be_created_and_creates_no_record_file(tmp_path):
+    """(Stores that cannot take records are in the bad-input corpus, tests/badinput/cases.py.)"""
+    ResultStore(tmp_path / "new" / "records.jsonl").check_writable()
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "records.jsonl").exists()
+
+
+def test_a_corrupt_sidecar_that_is_not_a_file_only_costs_a_warning(tmp_path):
+    """Quarantine never hangs on or replaces a special file: the line is skipped, the store left as it is."""
     path = tmp_path / "r.jsonl"
-    first, last = json.dumps(_record("a")).encode(), json.dumps(_record("b")).encode()
-    path.write_bytes(first + b"\n" + line + b"\n" + last + b"\n")
-    store = ResultStore(path)
-    with pytest.warns(UserWarning, match=rf"r\.jsonl:2: moved a line that is not a record \({re.escape(why)}\)"):
-        assert [r["key"] for r in store.records()] == ["a", "b"]
-    assert (tmp_path / "r.jsonl.corrupt").read_bytes() == line + b"\n"  # verbatim, recoverable by hand
-    assert path.read_bytes() == first + b"\n" + last + b"\n"  # the records themselves untouched
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert [r["key"] for r in store.records()] == ["a", "b"]  # quarantined once, not again
-
-
-def _unwritable_store(kind: str, root) -> str:
-    if kind == "parent_is_a_file":
-        (root / "afile").write_text("x")
-        return str(root / "afile" / "records.jsonl")
-    if kind == "store_is_a_directory":
-        (root / "records.jsonl").mkdir()
-        return str(root / "records.jsonl")
-    if kind == "store_is_a_fifo":
-        os.mkfifo(root / "records.jsonl")
-        return str(root / "records.jsonl")
-    return "/proc/deltadct-store/records.jsonl"  # /proc refuses new entries even for root
-
-
-@pytest.mark.parametrize("kind", ["parent_is_a_file", "store_is_a_directory", "store_is_a_fifo", "under_proc"])
-def test_check_writable_refuses_a_store_that_cannot_take_records(tmp_path, kind):
-    store = ResultStore(_unwritable_store(kind, tmp_path))
-    with pytest.raises(OutputError, match="result store .*records.jsonl"):
-        store.check_writable()
-    ResultStore(tmp_path / "new" / "records.jsonl").check_writable()  # a store still to be created is fine
-    assert not (tmp_path / "new" / "records.jsonl").exists()
+    path.write_bytes(json.dumps(_record("a")).encode() + b"\n5\n")
+    os.mkfifo(tmp_path / "r.jsonl.corrupt")
+    with pytest.warns(UserWarning, match=r"r\.jsonl:2: skipping a line that is not a record .*special file"):
+        assert [r["key"] for r in ResultStore(path).records()] == ["a"]
+    assert path.read_bytes() == json.dumps(_record("a")).encode() + b"\n5\n"
 
 
 def test_runner_checks_the_store_before_any_work(tmp_path, monkeypatch):
@@ -111,7 +87,7 @@ def test_runner_checks_the_store_before_any_work(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         cfg = compose("config", overrides=["model=zoo_vit", "zoo.mode=fast", "tasks=[parity]"])
     with pytest.raises(OutputError, match="result store .*afile/records.jsonl is not writable"):
-        run.run_job(cfg, run_dir=tmp_path / "run", store_path=Path(_unwritable_store("parent_is_a_file", tmp_path)))
+        run.run_job(cfg, run_dir=tmp_path / "run", store_path=unwritable_store("parent_is_a_file", tmp_path))
     assert not (tmp_path / "run").exists()
 
 

@@ -661,3 +661,49 @@ CASES: list[Case] = [
     Case("bin_git_lfs_pointer", _ft_dir_with({"pytorch_model.bin": LFS_POINTER}, weights_file=False),
          E.CheckpointError, ("pytorch_model.bin", "git-LFS pointer", "git lfs pull")),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the result store: lines that are not records, and store paths that cannot take records
+# ---------------------------------------------------------------------------------------------
+def _line(key: str) -> bytes:
+    return json.dumps({"key": key, "metrics": {"score": 0.5}}).encode()
+
+
+@dataclass(frozen=True)
+class StoreCase:
+    id: str
+    #: the store file's bytes before the next append
+    content: bytes
+    #: 1-based numbers of the lines that must be moved to the ``.corrupt`` sidecar, with the reason named
+    bad_lines: tuple[tuple[int, str], ...]
+
+
+STORE_CASES: list[StoreCase] = [
+    StoreCase("last_line_cut_off", _line("a") + b"\n" + b'{"key": "b", "metr', ((2, "incomplete line"),)),
+    StoreCase("last_record_without_newline", _line("a") + b"\n" + _line("b"), ()),
+    StoreCase("line_is_a_number", _line("a") + b"\n5\n" + _line("b") + b"\n", ((2, "a JSON int, not an object"),)),
+    StoreCase("line_is_null", _line("a") + b"\nnull\n" + _line("b") + b"\n", ((2, "a JSON NoneType, not an object"),)),
+    StoreCase("line_is_a_list", b"[1, 2]\n" + _line("a") + b"\n", ((1, "a JSON list, not an object"),)),
+    StoreCase("line_not_utf8", _line("a") + b'\n{"key": "x\xff"}\n', ((2, "not UTF-8"),)),
+    StoreCase("line_not_json", b'{"key": \n' + _line("a") + b"\n", ((1, "not JSON"),)),
+    StoreCase("several_bad_lines", b"5\n" + _line("a") + b"\nnull\n" + b'{"key": "c"',
+              ((1, "a JSON int, not an object"), (3, "a JSON NoneType, not an object"), (4, "incomplete line"))),
+]
+
+
+def unwritable_store(kind: str, root: Path) -> Path:
+    """A ``store.path`` no record can be appended to."""
+    if kind == "parent_is_a_file":
+        (root / "afile").write_text("x")
+        return root / "afile" / "records.jsonl"
+    if kind == "store_is_a_directory":
+        (root / "records.jsonl").mkdir()
+        return root / "records.jsonl"
+    if kind == "store_is_a_fifo":
+        os.mkfifo(root / "records.jsonl")
+        return root / "records.jsonl"
+    return Path("/proc/deltadct-store/records.jsonl")  # /proc refuses new entries even for root
+
+
+UNWRITABLE_STORES = ["parent_is_a_file", "store_is_a_directory", "store_is_a_fifo", "under_proc"]
