@@ -140,6 +140,9 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool = False, input
     wrote, for ``is_dir`` outputs); or whose parent is missing or not writable.
     """
     path = Path(path)
+    if TEMP_NAME.match(path.name):
+        raise OutputError(f"output {path}: names like this are deltadct's temporaries (removed as stale); "
+                          "choose another name")
     real = Path(os.path.realpath(path))
     try:
         cwd = Path(os.path.realpath(os.getcwd()))

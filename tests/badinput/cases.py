@@ -603,6 +603,8 @@ CASES: list[Case] = [
          ("out/mine", "did not write", ".deltadct-output")),
     Case("apply_onto_regular_file", _apply_onto_unmarked("file"), E.OutputError, ("out/mine", "not a directory")),
     Case("compress_onto_directory", _compress_onto_dir, E.OutputError, ("somedir", "a directory, not a regular file")),
+    Case("out_named_like_a_temporary", _out_at(lambda root: root / "out" / ".deltadct-d.abcdefgh.tmp"), E.OutputError,
+         (".deltadct-d.abcdefgh.tmp", "temporaries")),
     # crafted headers (checksum recomputed): every field a reader can check is checked
     Case("crafted_compressed_dtype_bool", _crafted("apply", _on_entry("compressed", dtype="bool")), E.FormatError,
          ("bad.safetensors", "dtype 'bool'")),
