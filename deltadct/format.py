@@ -290,6 +290,10 @@ def _check_header_structure(path: Path, header: dict, index: dict) -> None:
 
     if not isinstance(header["method"], str) or not isinstance(header["config"], dict):
         raise bad("method must be a string and config an object")
+    try:
+        create_method(header["method"], header["config"])
+    except DeltaDCTError as err:
+        raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used ({err})") from None
     for key in ("base_fingerprint", "content_sha256"):
         if not (isinstance(header[key], str) and _SHA256.match(header[key])):
             raise bad(f"{key} must be a sha256 hex digest")
@@ -367,10 +371,6 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> DeltaFile:
     expected = {tensor_name(n, f) for n, e in header["entries"].items() for f in e.get("fields", [])}
     if expected != set(index):
         raise FormatError(f"{path}: tensors in the file do not match the header's entries")
-    try:
-        create_method(header["method"], header["config"])
-    except DeltaDCTError as err:
-        raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used ({err})") from None
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:

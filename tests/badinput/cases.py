@@ -633,6 +633,8 @@ CASES: list[Case] = [
     Case("crafted_fingerprint_not_digest", _crafted("verify", lambda h: h.update(base_fingerprint=7)), E.FormatError,
          ("bad.safetensors", "base_fingerprint")),
     Case("crafted_unknown_method", _crafted("info", _unknown_method), E.FormatError, ("bad.safetensors", "'jpeg'")),
+    Case("crafted_unknown_method_verify", _crafted("verify", _unknown_method), E.FormatError,
+         ("bad.safetensors", "'jpeg'")),
     Case("crafted_method_config_out_of_range", _crafted("apply", _bad_method_config), E.FormatError,
          ("bad.safetensors", "patch_size")),
     Case("crafted_index_span_wrong", _crafted("verify", edit_index=lambda i: next(iter(i.values()))["shape"].append(3)),
