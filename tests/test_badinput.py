@@ -2,7 +2,9 @@
 
 The corpus lives in ``tests/badinput/cases.py``. Every case runs through the CLI (exit status 2, one
 line naming what and where) and through the API call the CLI makes (a typed ``deltadct.errors``
-exception), and must leave the output directory as it found it — no output, no temp or spool file.
+exception), and must leave its whole folder as it found it (hashes and inodes of every entry: inputs,
+unrelated files, the refused output; no temp or spool file). The store corpus appends to damaged
+stores and must lose no record; unwritable store paths are refused before anything is written.
 """
 from __future__ import annotations
 
