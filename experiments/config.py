@@ -18,6 +18,7 @@ Layout of a composed config (``deltadct-run --cfg job`` prints it)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -25,7 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from deltadct.api import resolve_device
 from deltadct.errors import ConfigError
-from deltadct.methods import MethodConfig, get_method_class
+from deltadct.methods import MethodConfig, get_method_class, list_methods
 from deltadct.policy import TensorPolicy
 
 LOGGERS = ("none", "wandb")
@@ -115,9 +116,20 @@ class RunConf:
     progress: bool = False
 
 
+#: the config tree: an absolute path, because relative ones resolve against the module's package when
+#: started as the `deltadct-run` console script (Hydra then looks for a `conf` package)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
-    ConfigStore.instance().store(name="run_schema", node=RunConf)
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml lists it first in its defaults), and a
+    ``method/<name>`` node with the defaults of every registered method that has no conf/method/<name>.yaml:
+    methods that other packages register (entry points) run with ``method=<name>`` like the built-in ones."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConf)
+    for name in list_methods():
+        if not (CONF_DIR / "method" / f"{name}.yaml").is_file():
+            store.store(group="method", name=name, node={"name": name, **get_method_class(name).Config().to_dict()})
 
 
 #: keys that do not change what a run computes, left out of the config hash
@@ -153,8 +165,8 @@ def method_options(cfg: DictConfig) -> tuple[str, Dict[str, Any]]:
 
 def validate(cfg: DictConfig) -> RunSpec:
     """Check every option that can be checked without loading a model; raise one-line errors."""
-    from deltadct.adapters import get_adapter
-    from eval import get_evaluator
+    from deltadct.adapters import create_adapter
+    from eval import create_evaluator
 
     name, options = method_options(cfg)
     method_config = get_method_class(name).Config.from_dict(options)
@@ -174,7 +186,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         unknown = sorted(set(cfg.tasks) - set(model.tasks))
         if unknown:
             raise ConfigError(f"tasks {unknown} are not tasks of model {model.name!r}: {sorted(model.tasks)}")
-    adapter = get_adapter(model.adapter)
+    adapter = create_adapter(model.adapter)
     policy = TensorPolicy.from_dict({**adapter.policy_defaults,
                                      **OmegaConf.to_container(model.policy, resolve=True)})
     if not model.evaluators:
@@ -182,5 +194,5 @@ def validate(cfg: DictConfig) -> RunSpec:
     evaluators = {}
     for ev in model.evaluators:
         evaluators[ev] = evaluator_options(cfg, ev)
-        get_evaluator(ev)(**evaluators[ev])  # unknown names / options fail here, before any model loads
+        create_evaluator(ev, **evaluators[ev])  # unknown names / options fail here, before any model loads
     return RunSpec(name, method_config, policy, evaluators)

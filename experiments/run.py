@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import deltadct
 from deltadct.errors import CheckpointError, DeltaDCTError
-from experiments.config import VOLATILE_KEYS, RunSpec, register_configs, validate
+from experiments.config import CONF_DIR, VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
 from experiments.store import REFERENCE_METHOD, ResultStore, config_hash
 
@@ -176,13 +176,13 @@ def provenance() -> dict[str, Any]:
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(model: torch.nn.Module, spec: RunSpec, ctx: Any, seed: int, timer: Timer) -> dict[str, float]:
-    from eval import get_evaluator
+    from eval import create_evaluator
 
     metrics = {}
     for name, options in spec.evaluators.items():
         torch.manual_seed(seed)
         with timer(f"eval/{name}"), torch.no_grad():
-            result = get_evaluator(name)(**options).evaluate(model, ctx)
+            result = create_evaluator(name, **options).evaluate(model, ctx)
         metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
     return metrics
 
@@ -237,10 +237,10 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
               "(force=true re-runs)", file=sys.stderr)
         return []
 
-    from deltadct.adapters import get_adapter
+    from deltadct.adapters import create_adapter
     from eval import EvalContext
 
-    adapter = get_adapter(cfg.model.adapter)
+    adapter = create_adapter(cfg.model.adapter)
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.start(config, run_dir=run_dir, group=group or cfg.logger.group or cfg.experiment, name=name)
@@ -309,11 +309,6 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
 
 
 # --------------------------------------------------------------------------- entry point
-
-# An absolute path: relative ones resolve against the module's package when started as the
-# `deltadct-run` console script (Hydra then looks for a `conf` package), and conf/ lives next to it.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:

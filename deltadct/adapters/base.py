@@ -9,6 +9,7 @@ inside the methods, so ``import deltadct.adapters`` costs nothing.
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from ..checkpoints import describe_keys
-from ..errors import CheckpointError, ConfigError, DeltaDCTError, KeyMismatchError, ShapeMismatchError
+from ..errors import CheckpointError, DeltaDCTError, KeyMismatchError, ShapeMismatchError
+from ..registry import Registry
 
 PathLike = str | Path
 
@@ -25,32 +27,32 @@ class AdapterError(DeltaDCTError):
     """A model family cannot do what was asked (e.g. run a model whose code deltadct does not ship)."""
 
 
-class ModelAdapter:
+class ModelAdapter(abc.ABC):
     """How one model family is loaded, rebuilt from a state dict, run on example inputs and saved."""
 
     name: ClassVar[str]
     #: policy overrides this family needs by default (e.g. {"extra_keys": "keep"} for new task heads)
     policy_defaults: ClassVar[dict] = {}
 
+    @abc.abstractmethod
     def load(self, path: PathLike, *, device: str = "cpu") -> nn.Module:
         """The checkpoint at ``path`` as a model in eval mode."""
-        raise NotImplementedError
 
     def load_processor(self, path: PathLike) -> Any:
         """The tokenizer or image transform stored with the checkpoint, or None if there is none."""
         return None
 
+    @abc.abstractmethod
     def load_with_state_dict(self, path: PathLike, state_dict: Mapping[str, torch.Tensor], *,
                              device: str = "cpu") -> nn.Module:
         """The architecture of the checkpoint at ``path`` with the weights of ``state_dict``.
 
         Loading is strict: a missing, unexpected or wrongly shaped tensor raises a typed error.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def save(self, model: nn.Module, out_dir: PathLike) -> Path:
         """Write ``model`` in the family's normal format; return the path written."""
-        raise NotImplementedError
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         """``num`` deterministic model inputs (keyword arguments of ``model``), independent of any data."""
@@ -89,24 +91,25 @@ def check_state_dict_fits(expected: Mapping[str, torch.Size], state_dict: Mappin
             f"in the architecture of {where}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
 
 
-_REGISTRY: dict[str, type[ModelAdapter]] = {}
+ADAPTERS: Registry[ModelAdapter] = Registry("model adapter", ModelAdapter, entry_point_group="deltadct.adapters")
 
-
-def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Class decorator: add a :class:`ModelAdapter` subclass to the registry under ``cls.name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"adapter {cls.name!r} registered twice ({_REGISTRY[cls.name]} and {cls})")
-    _REGISTRY[cls.name] = cls
-    return cls
+#: class decorator: add a :class:`ModelAdapter` subclass to the registry under ``cls.name``
+register_adapter = ADAPTERS.register
 
 
 def list_adapters() -> list[str]:
-    return sorted(_REGISTRY)
+    return ADAPTERS.names()
 
 
-def get_adapter(name: str) -> ModelAdapter:
-    """A fresh instance of the adapter registered as ``name``."""
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ConfigError(f"unknown model adapter {name!r}; available: {', '.join(list_adapters())}") from None
+def get_adapter_class(name: str) -> type[ModelAdapter]:
+    """The :class:`ModelAdapter` subclass registered as ``name``."""
+    return ADAPTERS.get(name)
+
+
+def create_adapter(name: str) -> ModelAdapter:
+    """A fresh instance of the adapter registered as ``name`` (adapters take no options)."""
+    return ADAPTERS.create(name)
+
+
+#: the adapter registered as ``name``, as an instance (the name callers have always used for :func:`create_adapter`)
+get_adapter = create_adapter

@@ -8,6 +8,7 @@ Methods never touch files, models or Hydra configs: those live in :mod:`deltadct
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import typing
@@ -134,7 +135,7 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"option {name!r}: {value!r} must be <= {hi}")
 
 
-class Method:
+class Method(abc.ABC):
     """A registered compression method.
 
     Subclasses set ``name`` and ``Config`` and implement :meth:`compress` / :meth:`reconstruct`.
@@ -167,11 +168,13 @@ class Method:
     def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
         """Raise :class:`ConfigError` if a tensor of this shape cannot be compressed (e.g. smaller than a patch)."""
 
+    @abc.abstractmethod
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
-        raise NotImplementedError
+        """The file payload of one delta tensor."""
 
+    @abc.abstractmethod
     def reconstruct(self, compressed: Compressed, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError
+        """The float32 delta of ``shape`` that ``compressed`` stands for."""
 
     def generator(self, name: str, device: torch.device) -> torch.Generator:
         """A per-tensor RNG seeded from the config seed and the tensor name (order-independent)."""

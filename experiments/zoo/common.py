@@ -7,7 +7,9 @@ never leaves a directory that looks like a finished zoo.
 """
 from __future__ import annotations
 
+import abc
 import fcntl
+import importlib
 import json
 import os
 import random
@@ -16,13 +18,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deltadct.errors import DeltaDCTError
+from deltadct.errors import DeltaDCTError, UnknownNameError
 
 MODES = ("fast", "full")
 MANIFEST = "zoo.json"
@@ -33,6 +35,10 @@ DATA_PATH_KEYS = ("root", "data_dir", "include_path", "data_file")
 
 class ZooError(DeltaDCTError):
     """The zoo cannot be built: unknown family or mode, or the real data it needs is missing."""
+
+
+class UnknownZooFamilyError(ZooError, UnknownNameError):
+    """A zoo family name that is not in the registry."""
 
 
 class ZooDataError(ZooError, FileNotFoundError):
@@ -61,6 +67,38 @@ class ZooEntry:
     base_path: Path
     tasks: dict[str, ZooTask]
     root: Path
+
+
+class ZooFamily(abc.ABC):
+    """One family of the zoo, registered by ``name``: how its base and fine-tuned checkpoints are built."""
+
+    name: ClassVar[str]
+
+    @property
+    def recipe_version(self) -> int:
+        """The version of the training recipe; cached zoos of another version are rebuilt."""
+        return 1
+
+    @abc.abstractmethod
+    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
+        """Train and save every checkpoint into ``out`` (renamed to ``final`` once complete)."""
+
+
+class BuilderModule(ZooFamily):
+    """A family whose recipe is a module (``module``) with ``build(out, *, mode, seed, progress, final)``
+    and optionally ``RECIPE_VERSION``, imported only when the family is built (it needs heavy libraries)."""
+
+    module: ClassVar[str]
+
+    def _module(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def recipe_version(self) -> int:
+        return getattr(self._module(), "RECIPE_VERSION", 1)
+
+    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
+        return self._module().build(out, mode=mode, seed=seed, progress=progress, final=final)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
