@@ -9,6 +9,7 @@ import numpy as np
 
 from torch import nn
 
+from deltadct.adapters import AdapterError, ModelAdapter, adapter_for, create_adapter
 from deltadct.methods.base import MethodConfig
 from deltadct.registry import Registry
 
@@ -22,9 +23,23 @@ class EvalContext:
     task: str  # e.g. "sst2", "parity", "zoo_sst2_sentiment"
     data: dict  # the task's data spec, e.g. ZooTask.data or {"kind": "glue", "task": "sst2", "data_dir": ...}
     processor: Any = None  # tokenizer or image transform from the adapter
-    adapter: str | None = None
+    #: the model family's adapter (a registered name is resolved to it); None: found from the model
+    adapter: ModelAdapter | str | None = None
     reference: nn.Module | None = None  # the uncompressed fine-tuned model (reconstruction evaluator)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, str):
+            self.adapter = create_adapter(self.adapter)
+
+    def adapter_for(self, model: nn.Module) -> ModelAdapter:
+        """The context's adapter, else the registered one whose family ``model`` belongs to."""
+        if self.adapter is not None:
+            return self.adapter
+        try:
+            return adapter_for(model)
+        except AdapterError as err:
+            raise EvalError(f"task {self.task!r}: {err}") from None
 
 
 @dataclass

@@ -255,7 +255,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             with timer("load_reference"):
                 reference = adapter.load(source.path, device=cfg.device)
                 ctx = EvalContext(task=task, data=source.data, processor=adapter.load_processor(source.path),
-                                  adapter=adapter.name, reference=reference, device=cfg.device)
+                                  adapter=adapter, reference=reference, device=cfg.device)
             if task in ref_todo:
                 metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
                 key_name, score = headline(spec, metrics)

@@ -8,10 +8,10 @@ packages add families through the ``deltadct.adapters`` entry-point group (see :
 from __future__ import annotations
 
 from ..registry import import_submodules
-from .base import (ADAPTERS, AdapterError, ModelAdapter, create_adapter, get_adapter, get_adapter_class, list_adapters,
-                   register_adapter)
+from .base import (ADAPTERS, AdapterError, ModelAdapter, adapter_for, create_adapter, get_adapter, get_adapter_class,
+                   list_adapters, register_adapter)
 
 import_submodules(__name__, __path__, exclude=("base",))
 
-__all__ = ["ADAPTERS", "AdapterError", "ModelAdapter", "create_adapter", "get_adapter", "get_adapter_class",
+__all__ = ["ADAPTERS", "AdapterError", "ModelAdapter", "adapter_for", "create_adapter", "get_adapter", "get_adapter_class",
            "list_adapters", "register_adapter"]

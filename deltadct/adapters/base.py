@@ -62,6 +62,35 @@ class ModelAdapter(abc.ABC):
         """The model's output logits for ``inputs`` (class or vocabulary axis last)."""
         return model(**inputs).logits
 
+    # -- what evaluators ask the family (instead of inspecting the model) --------------------------
+    #: how the family's models answer a labelled task: "classify" (argmax of a classifier head),
+    #: "generate" (text, read as a label word) or None (neither; e.g. language models, scored by lm-eval)
+    answers_by: ClassVar[str | None] = None
+
+    def handles(self, model: nn.Module) -> bool:
+        """Whether ``model`` is one of this family's models (see :func:`adapter_for`)."""
+        return False
+
+    def num_classes(self, model: nn.Module) -> int:
+        """The number of classes the model's classifier head predicts."""
+        raise AdapterError(f"adapter {self.name!r} has no classifier head")
+
+    def input_channels(self, model: nn.Module) -> int:
+        """The number of image channels the model takes (1 = grey, 3 = RGB)."""
+        raise AdapterError(f"adapter {self.name!r} does not take images")
+
+    def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs (keyword arguments of ``model`` and of :meth:`logits`) for a batch of images."""
+        raise AdapterError(f"adapter {self.name!r} does not take images")
+
+    def image_features(self, model: nn.Module, pixels: torch.Tensor, dim: int) -> torch.Tensor:
+        """The image embedding that a zero-shot head of width ``dim`` scores against."""
+        raise AdapterError(f"adapter {self.name!r} has no image embedding")
+
+    def generate(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], *, max_new_tokens: int) -> torch.Tensor:
+        """Greedy answer token ids for ``inputs`` (the prompt left out)."""
+        raise AdapterError(f"adapter {self.name!r} does not generate text")
+
 
 def checkpoint_path(path: PathLike) -> Path:
     """``path`` as a Path, or a CheckpointError if nothing is there."""
@@ -113,3 +142,13 @@ def create_adapter(name: str) -> ModelAdapter:
 
 #: the adapter registered as ``name``, as an instance (the name callers have always used for :func:`create_adapter`)
 get_adapter = create_adapter
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The registered adapter whose family ``model`` belongs to (the first in name order that handles it)."""
+    for name in list_adapters():
+        adapter = create_adapter(name)
+        if adapter.handles(model):
+            return adapter
+    raise AdapterError(f"no registered model adapter handles a {type(model).__name__}; name the model's adapter "
+                       f"(one of {', '.join(list_adapters())})")
