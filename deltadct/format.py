@@ -24,7 +24,7 @@ import torch
 
 from .errors import ChecksumError, DeltaDCTError, FormatError
 from .io import SafetensorsWriter, atomic_path, dtype_from_name
-from .methods import Compressed, Method, create_method
+from .methods import Compressed, Method, get_method_class
 
 FORMAT_NAME = "deltadct"
 FORMAT_VERSION = 1
@@ -83,9 +83,17 @@ class DeltaFile:
         return [n for n, e in self.entries.items() if kind is None or e["kind"] == kind]
 
     @property
+    def config_version(self) -> int:
+        """Version of the method's config the file was written with (files before versioning: 1)."""
+        return self.header.get("config_version", 1)
+
+    @property
     def method(self) -> Method:
+        """The method that decodes the file, configured as recorded: options the file lacks (added to
+        the method after it was written) take the value files of its config version implied."""
         if self._method is None:
-            self._method = create_method(self.method_name, self.config)
+            cls = get_method_class(self.method_name)
+            self._method = cls(cls.Config.from_recorded(self.config, self.config_version))
         return self._method
 
     # -- tensors -------------------------------------------------------------------------------
@@ -179,6 +187,18 @@ def _numel(shape) -> int:
     for s in shape:
         out *= int(s)
     return out
+
+
+def describe_base(path: str | os.PathLike, config: dict | None) -> dict:
+    """Name and revision of the base model, each None when unknown: the hub id and commit of a Hugging
+    Face cache snapshot (``…/models--<org>--<name>/snapshots/<commit>/…``), else the name its
+    ``config.json`` gives (``_name_or_path``)."""
+    parts = Path(path).absolute().parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return {"name": parts[i - 1][len("models--"):].replace("--", "/"), "revision": parts[i + 1]}
+    name = (config or {}).get("_name_or_path")
+    return {"name": name if isinstance(name, str) and name else None, "revision": None}
 
 
 def finalize_header(header: dict, writer: SafetensorsWriter) -> dict:

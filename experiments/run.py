@@ -272,9 +272,8 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             timer = Timer()
             delta_path = run_dir / f"delta_{task}.safetensors"
             with timer("compress"), PeakMemory() as memory:
-                deltadct.compress(base, source.path, spec.method_name, out=delta_path, device=cfg.device,
-                                  policy=spec.policy, progress=cfg.progress, overwrite=True,
-                                  **spec.method_config.to_dict())
+                deltadct.compress(base, source.path, spec.method_config, out=delta_path, device=cfg.device,
+                                  policy=spec.policy, progress=cfg.progress, overwrite=True)
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
                 state = deltadct.apply(base, delta_path, device=cfg.device, progress=cfg.progress)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from ..errors import UnknownMethodError
 from ..registry import Registry, import_submodules
-from .base import Compressed, Method, MethodConfig
+from .base import Compressed, Method, MethodConfig, versioned_field
 
 METHODS: Registry[Method] = Registry("method", Method, error=UnknownMethodError, entry_point_group="deltadct.methods")
 
@@ -35,12 +35,13 @@ def create_method(name: str | Method | MethodConfig, config: Mapping[str, Any] |
     its config) or a method's config object (``DeltaDCT.Config(patch_size=32)``), whose class says
     which method it configures.
     """
-    if isinstance(name, Method):
-        if config is None and not overrides:
-            return name
-        return type(name)(config if config is not None else name.config, **overrides)
-    if isinstance(name, MethodConfig):
-        return method_for_config(name)(name, **overrides)
+    if isinstance(name, (Method, MethodConfig)):
+        if isinstance(config, MethodConfig):
+            raise TypeError("create_method takes one config object: pass it as the first argument")
+        changes = {**(config or {}), **overrides}
+        if isinstance(name, Method):
+            return type(name)(name.config, **changes) if changes else name
+        return method_for_config(name)(name, **changes)
     return get_method_class(name)(config, **overrides)
 
 
@@ -56,4 +57,4 @@ def method_for_config(config: MethodConfig) -> type[Method]:
 import_submodules(__name__, __path__, exclude=("base",))
 
 __all__ = ["Compressed", "METHODS", "Method", "MethodConfig", "register_method", "list_methods",
-           "get_method_class", "create_method", "method_for_config"]
+           "get_method_class", "create_method", "method_for_config", "versioned_field"]

@@ -39,18 +39,47 @@ class Compressed:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def versioned_field(default: Any, *, since: int, before: Any) -> Any:
+    """A config field added in version ``since`` of its config class (``Config.VERSION`` raised to it):
+    files written before it lack the option, and were made by code that behaved as ``before`` says.
+
+    >>> gain: float = versioned_field(1.0, since=2, before=0.5)   # files of version 1 meant 0.5
+    """
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("versioned_field takes immutable defaults (a tuple, not a list)")
+    return field(default=default, metadata={"since": since, "before": before})
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config. Subclasses add fields and override :meth:`validate`.
 
     ``seed`` is on every config so that randomised methods (DARE) are reproducible and
     deterministic methods accept it harmlessly in a sweep.
+
+    ``VERSION`` is recorded in every file next to the config. A subclass that gains an option raises
+    it and declares the option with :func:`versioned_field`, so that :meth:`from_recorded` reads files
+    written before with the value they implied, never with today's default.
     """
+
+    VERSION: ClassVar[int] = 1
 
     seed: int = 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field and value at fault."""
+
+    @classmethod
+    def from_recorded(cls, values: Mapping[str, Any], version: int = 1) -> "MethodConfig":
+        """The config a file recorded (``values``, written at config ``version``): an option the file
+        lacks because it was added after ``version`` takes the value files of that version implied."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigError(f"config version {version!r} of {cls.__qualname__} is not a positive integer")
+        if version > cls.VERSION:
+            raise ConfigError(f"the config was written at version {version} of {cls.__qualname__}, newer than "
+                              f"this deltadct reads ({cls.VERSION}); upgrade deltadct")
+        implied = {f.name: f.metadata["before"] for f in dataclasses.fields(cls) if f.metadata.get("since", 1) > version}
+        return cls.from_dict({**implied, **values})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> "MethodConfig":
