@@ -17,11 +17,9 @@ import functools
 import importlib.metadata
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,11 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import deltadct
 from deltadct.errors import CheckpointError, DeltaDCTError
+from deltadct.profiling import PeakMemory, peak_rss_bytes
 from experiments.config import CONF_DIR, VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
+from experiments.records import Record
 from experiments.store import REFERENCE_METHOD, ResultStore, config_hash
 
-RECORD_VERSION = 1
 VERSIONED_PACKAGES = ("deltadct", "torch", "transformers", "timm", "hydra-core", "numpy", "safetensors")
 
 register_configs()
@@ -98,39 +97,6 @@ def load_pair(cfg: DictConfig) -> tuple[Path, dict[str, TaskSource]]:
 
 # --------------------------------------------------------------------------- measurements
 
-class PeakMemory:
-    """Peak resident memory of this process while the block runs (sampled), and CUDA peak allocation."""
-
-    def __init__(self, interval: float = 0.01):
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak_rss_mb = 0.0
-        self.cuda_max_allocated_mb: float | None = None
-
-    def _sample(self) -> None:
-        while True:
-            self.peak_rss_mb = max(self.peak_rss_mb, self._process.memory_info().rss / 2**20)
-            if self._stop.wait(self._interval):
-                return
-
-    def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss_mb = round(max(self.peak_rss_mb, self._process.memory_info().rss / 2**20), 1)
-        if torch.cuda.is_available():
-            self.cuda_max_allocated_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 class Timer:
     """Wall-clock seconds per named phase: ``with timer("compress"): ...``."""
 
@@ -146,9 +112,8 @@ class Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
-def max_rss_mb() -> float:
-    """Peak RSS of the whole process so far (ru_maxrss is KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def _mib(num_bytes: int | None) -> float | None:
+    return None if num_bytes is None else round(num_bytes / 2**20, 1)
 
 
 @functools.cache
@@ -244,9 +209,8 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.start(config, run_dir=run_dir, group=group or cfg.logger.group or cfg.experiment, name=name)
-    common = {"record_version": RECORD_VERSION, "experiment": cfg.experiment, "model": cfg.model.name,
-              "family": cfg.model.family, "run_dir": str(run_dir), "overrides": list(overrides or []),
-              **provenance()}
+    common = {"experiment": cfg.experiment, "model": cfg.model.name, "family": cfg.model.family,
+              "run_dir": str(run_dir), "overrides": list(overrides or []), **provenance()}
     written = []
     try:
         for task in dict.fromkeys(todo + ref_todo):
@@ -259,11 +223,11 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             if task in ref_todo:
                 metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
                 key_name, score = headline(spec, metrics)
-                record = {**common, "key": record_key(reference_id, task, reference=True), "config_hash": reference_id,
-                          "task": task, "method": REFERENCE_METHOD, "method_options": {}, "score": score,
-                          "score_key": key_name, "metrics": metrics, "bits_per_param": None,
-                          "zoo_scores": source.zoo_scores, "timings": dict(timer.seconds),
-                          "time": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config}
+                record = Record(**common, key=record_key(reference_id, task, reference=True),
+                                config_hash=reference_id, task=task, method=REFERENCE_METHOD, method_options={},
+                                score=score, score_key=key_name, metrics=metrics, bits_per_param=None,
+                                zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
+                                time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
                 if store.append(record, unless_present=not cfg.force):
                     written.append(record)
                     logger.log_task(record, {})
@@ -271,7 +235,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                 continue
             timer = Timer()
             delta_path = run_dir / f"delta_{task}.safetensors"
-            with timer("compress"), PeakMemory() as memory:
+            with timer("compress"), PeakMemory(cfg.device) as memory:
                 deltadct.compress(base, source.path, spec.method_config, out=delta_path, device=cfg.device,
                                   policy=spec.policy, progress=cfg.progress, overwrite=True)
             info = deltadct.info(delta_path)  # measured from the written file
@@ -283,18 +247,18 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             metrics = evaluate(model, spec, ctx, spec.method_config.seed, timer)
             del model
             key_name, score = headline(spec, metrics)
-            record = {**common, "key": record_key(method_id, task), "config_hash": method_id, "task": task,
-                      "method": spec.method_name, "method_options": spec.method_config.to_dict(),
-                      "score": score, "score_key": key_name, "metrics": metrics,
-                      "bits_per_param": info["bits_per_param"], "total_bits_per_param": info["total_bits_per_param"],
-                      "file_bytes": info["file_bytes"], "num_params": info["num_params"],
-                      "num_compressed": info["num_compressed"], "layers": info["layers"],
-                      "zoo_scores": source.zoo_scores,
-                      "timings": dict(timer.seconds),
-                      "memory": {"compress_peak_rss_mb": memory.peak_rss_mb, "max_rss_mb": max_rss_mb(),
-                                 "cuda_max_allocated_mb": memory.cuda_max_allocated_mb},
-                      "delta_path": str(delta_path) if cfg.keep_deltas else None,
-                      "time": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config}
+            record = Record(**common, key=record_key(method_id, task), config_hash=method_id, task=task,
+                            method=spec.method_name, method_options=spec.method_config.to_dict(),
+                            score=score, score_key=key_name, metrics=metrics,
+                            bits_per_param=info["bits_per_param"], total_bits_per_param=info["total_bits_per_param"],
+                            file_bytes=info["file_bytes"], num_params=info["num_params"],
+                            num_compressed=info["num_compressed"], layers=info["layers"],
+                            zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
+                            memory={"compress_peak_rss_mb": _mib(memory.peak_rss_bytes),
+                                    "max_rss_mb": _mib(peak_rss_bytes()),
+                                    "cuda_max_allocated_mb": _mib(memory.cuda_peak_bytes)},
+                            delta_path=str(delta_path) if cfg.keep_deltas else None,
+                            time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
             if not cfg.keep_deltas:
                 delta_path.unlink()
             if store.append(record, unless_present=not cfg.force):

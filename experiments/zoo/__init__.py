@@ -33,24 +33,12 @@ ZOO_FAMILIES: Registry[ZooFamily] = Registry("zoo family", ZooFamily, error=Unkn
 register_family = ZOO_FAMILIES.register
 
 
-@register_family
-class ViTZoo(BuilderModule):
-    name, module = "vit", "experiments.zoo.vit"
-
-
-@register_family
-class MiniLMZoo(BuilderModule):
-    name, module = "minilm", "experiments.zoo.minilm"
-
-
-@register_family
-class T5Zoo(BuilderModule):
-    name, module = "t5", "experiments.zoo.t5"
-
-
-@register_family
-class GPTZoo(BuilderModule):
-    name, module = "gpt", "experiments.zoo.gpt"
+#: the families this package defines, each a builder module ``experiments.zoo.<name>`` (plugins add theirs
+#: to :func:`list_families`)
+FAMILIES = ("vit", "minilm", "t5", "gpt")
+for _family in FAMILIES:
+    register_family(type(f"{_family.capitalize()}Zoo", (BuilderModule,),
+                         {"name": _family, "module": f"experiments.zoo.{_family}", "__module__": __name__}))
 
 
 def list_families() -> list[str]:
@@ -61,9 +49,6 @@ def get_family(name: str) -> ZooFamily:
     """The zoo family registered as ``name``, as an instance."""
     return ZOO_FAMILIES.create(name)
 
-
-#: the families this package defines (plugins add theirs to :func:`list_families`)
-FAMILIES = ("vit", "minilm", "t5", "gpt")
 
 # Libraries print chatter we cannot help in an offline build (hub checks, tokenizer advice).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
