@@ -69,7 +69,8 @@ class CheckpointReader:
             if file.suffix in SAFETENSORS_SUFFIXES:
                 return self._handle(file).get_tensor(key)
             return self._torch_state(file)[key]
-        except Exception as err:  # safetensors raises its own error types on corrupt data
+        # safetensors and torch.load raise types of their own (and arbitrary ones from a damaged pickle)
+        except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {key!r} from {file}: {err}") from None
 
     def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -122,7 +123,7 @@ def _open_safetensors(file: Path):
 
     try:
         return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types (SafetensorError, Rust panics)
         raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
 
 
@@ -141,7 +142,8 @@ def _load_torch_state(file: Path) -> dict[str, torch.Tensor]:
                 raise UnsafeCheckpointError(f"{file} needs code execution to unpickle; refusing to load it") from err2
         else:
             raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
-    except Exception as err:
+    # unpickling a damaged file can raise any exception type (the pickle names the callables it runs)
+    except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{file} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
     return _check_storable(_unwrap_state_dict(obj, file), file)
 
@@ -167,7 +169,8 @@ def _check_storable(state: dict[str, torch.Tensor], file: Path) -> dict[str, tor
     """Refuse dtypes a delta file cannot hold (complex, float8), as the safetensors reader does."""
     for key, tensor in state.items():
         if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {str(tensor.dtype).removeprefix('torch.')}")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {dtype}")
     return state
 
 

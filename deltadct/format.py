@@ -3,10 +3,11 @@
 Tensors are named ``"<tensor name>::<field>"``: a compressed tensor's fields are whatever its method
 wrote (packed codes, side information, scales); a kept or new tensor has one field, ``value``, holding
 the fine-tuned tensor exactly. The header records the format version, the method and its full config,
-the tensor policy, each entry's kind/shape/dtype, the base-checkpoint fingerprint (sha256 of the base
-tensors that were compressed, by name, dtype, shape and bytes), and a content checksum (sha256 of the
-header without the checksum, the safetensors tensor index, then every tensor byte). Loading goes through ``safetensors`` only, so
-reading a file never unpickles anything.
+the config version, the deltadct version and base model that made it, the tensor policy, each entry's
+kind/shape/dtype, the base-checkpoint fingerprint (sha256 of the base tensors that were compressed, by name,
+dtype, shape and bytes), and a content checksum (sha256 of the header without the checksum, the safetensors
+tensor index, then every tensor byte). Loading goes through ``safetensors`` only, so reading a file never
+unpickles anything.
 
 ``bits_per_param`` is measured, not computed from ratios: the file's size in bytes on disk, minus the
 bytes of kept/new tensors, × 8, divided by the number of compressed parameters. Everything else the
@@ -116,7 +117,8 @@ class DeltaFile:
         except (KeyError, ValueError, IndexError, TypeError, RuntimeError) as err:
             # fields that do not fit the shape/config (a hand-edited or foreign file): a typed error, not a crash
             raise FormatError(f"{self._where()}: entry {name!r} cannot be decoded with its recorded method and "
-                              f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                              f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                              ) from None
         if tuple(out.shape) != tuple(entry["shape"]) or not torch.isfinite(out).all():
             raise FormatError(f"{self._where()}: entry {name!r} does not decode to a finite tensor of shape "
                               f"{entry['shape']}")
@@ -244,7 +246,8 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise FormatError(f"{path} is not a deltadct file (no valid deltadct header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise FormatError(f"{path} is not a deltadct file (header format {header.get('format') if isinstance(header, dict) else None!r})")
+        found = header.get("format") if isinstance(header, dict) else None
+        raise FormatError(f"{path} is not a deltadct file (header format {found!r})")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatError(f"{path} has format version {version!r}; this deltadct reads version {FORMAT_VERSION}")
@@ -281,7 +284,8 @@ def _check_header_structure(path: Path, header: dict) -> None:
                 and isinstance(entry.get("meta", {}), dict)):
             raise bad(f"entry {name!r} needs a known kind, a dtype, a byte count, a shape of non-negative "
                       "integers and a list of field names")
-    if not (isinstance(header.get("from_base", []), list) and all(isinstance(n, str) for n in header.get("from_base", []))):
+    from_base = header.get("from_base", [])
+    if not (isinstance(from_base, list) and all(isinstance(n, str) for n in from_base)):
         raise bad("from_base must be a list of tensor names")
     key_map = header.get("key_map", {})
     if not (isinstance(key_map, dict) and all(isinstance(v, str) for v in key_map.values())):
@@ -316,13 +320,13 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> DeltaFile:
         raise FormatError(f"{path}: tensors in the file do not match the header's entries")
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types (SafetensorError, Rust panics)
         raise FormatError(f"{path} is not a readable safetensors file: {err}") from None
 
     def get(name: str) -> torch.Tensor:
         try:
             return handle.get_tensor(name)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types (SafetensorError, Rust panics)
             raise FormatError(f"{path}: cannot read tensor {name!r}: {err}") from None
 
     for name, entry in header["entries"].items():

@@ -67,7 +67,8 @@ def resolve_checkpoint(ref: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref, local_files_only=True))
-    except Exception:  # not a repo id, or not cached: say so in one line
+    # huggingface_hub raises a validation, HTTP or cache error type per case; all mean "not here"
+    except Exception:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ref!r} is neither a local path nor a model in the local "
                               "Hugging Face cache (download it first, or point the config at a local copy)") from None
 
@@ -135,7 +136,8 @@ def provenance() -> dict[str, Any]:
             versions[package] = None
     return {"git_commit": commit, "git_dirty": dirty, "versions": versions,
             "host": {"name": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-                     "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+                     "cpus": os.cpu_count(),
+                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
 
 
 # --------------------------------------------------------------------------- evaluation

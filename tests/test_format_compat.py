@@ -55,9 +55,10 @@ def test_a_new_header_records_every_option_versions_and_the_base(tmp_path, real_
 def test_base_name_and_revision_come_from_a_hub_snapshot_or_config_json(tmp_path):
     from deltadct.format import describe_base
 
-    snapshot = tmp_path / "hub" / "models--FacebookAI--roberta-base" / "snapshots" / "e2da8e2f811d1448a5b465c236feacd80ffbac7b"
+    commit = "e2da8e2f811d1448a5b465c236feacd80ffbac7b"
+    snapshot = tmp_path / "hub" / "models--FacebookAI--roberta-base" / "snapshots" / commit
     assert describe_base(snapshot / "model.safetensors", {"_name_or_path": "/tmp/x"}) == {
-        "name": "FacebookAI/roberta-base", "revision": "e2da8e2f811d1448a5b465c236feacd80ffbac7b"}
+        "name": "FacebookAI/roberta-base", "revision": commit}
     assert describe_base(tmp_path / "base", {"_name_or_path": "roberta-base"}) == {"name": "roberta-base",
                                                                                  "revision": None}
     assert describe_base(tmp_path / "base", None) == {"name": None, "revision": None}

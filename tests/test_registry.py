@@ -15,7 +15,7 @@ import pytest
 import deltadct
 from deltadct.adapters import ADAPTERS, ModelAdapter, create_adapter, get_adapter, get_adapter_class
 from deltadct.errors import ConfigError, UnknownMethodError, UnknownNameError
-from deltadct.methods import METHODS, Method, MethodConfig, create_method
+from deltadct.methods import METHODS, MethodConfig, create_method
 from deltadct.registry import Registry
 from eval import EVALUATORS, Evaluator, create_evaluator, get_evaluator
 from experiments.zoo import ZOO_FAMILIES, ZooError, ZooFamily, get_family
@@ -111,6 +111,7 @@ PLUGIN = '''
 """A method that stores each delta at half precision: a plugin package, not part of deltadct."""
 from dataclasses import dataclass
 
+import torch
 
 from deltadct.methods import Compressed, Method, MethodConfig
 from deltadct.methods.base import check_choice

@@ -13,5 +13,5 @@ from .base import (ADAPTERS, AdapterError, ModelAdapter, adapter_for, create_ada
 
 import_submodules(__name__, __path__, exclude=("base",))
 
-__all__ = ["ADAPTERS", "AdapterError", "ModelAdapter", "adapter_for", "create_adapter", "get_adapter", "get_adapter_class",
-           "list_adapters", "register_adapter"]
+__all__ = ["ADAPTERS", "AdapterError", "ModelAdapter", "adapter_for", "create_adapter", "get_adapter",
+           "get_adapter_class", "list_adapters", "register_adapter"]

@@ -78,7 +78,8 @@ class MethodConfig:
         if version > cls.VERSION:
             raise ConfigError(f"the config was written at version {version} of {cls.__qualname__}, newer than "
                               f"this deltadct reads ({cls.VERSION}); upgrade deltadct")
-        implied = {f.name: f.metadata["before"] for f in dataclasses.fields(cls) if f.metadata.get("since", 1) > version}
+        implied = {f.name: f.metadata["before"] for f in dataclasses.fields(cls)
+                   if f.metadata.get("since", 1) > version}
         return cls.from_dict({**implied, **values})
 
     @classmethod
@@ -112,7 +113,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     try:
         if origin in (tuple, list):
             if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
+                bare = value.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
+                value = [v for v in bare.split(",") if v.strip()]
             elem = args[0] if args else float
             return tuple(_coerce(name, v, elem) for v in value)
         if hint is bool:

@@ -63,7 +63,7 @@ def lm_loss(model, rows: list[list[int]], masks: list[list[int]], pad_id: int) -
 
 
 def prompt_text(name: str, ex: dict) -> str:
-    return PROMPTS[name][1].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"])))
+    return PROMPTS[name][1].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"], strict=True)))
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def write_lm_eval_task(task_dir: Path, final_task_dir: Path, name: str, examples
     task_dir.mkdir(parents=True, exist_ok=True)
     with open(task_dir / f"{lm_task}.jsonl", "w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({**dict(zip(columns, ex["texts"])), "label": ex["label"]}) + "\n")
+            f.write(json.dumps({**dict(zip(columns, ex["texts"], strict=True)), "label": ex["label"]}) + "\n")
     jinja_prompt = prompt.replace("{", "{{").replace("}", "}}").replace("\n", "\\n")
     (task_dir / f"{lm_task}.yaml").write_text(
         f"task: {lm_task}\n"

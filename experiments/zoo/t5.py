@@ -94,7 +94,7 @@ def seq2seq_loss(model, inputs: list[list[int]], targets: list[list[int]]) -> to
 
 
 def render(name: str, ex: dict) -> str:
-    return TEMPLATES[name].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"])))
+    return TEMPLATES[name].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"], strict=True)))
 
 
 @torch.no_grad()
