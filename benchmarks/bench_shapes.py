@@ -26,7 +26,6 @@ import platform
 import re
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from deltadct import codec
+from deltadct.profiling import PeakMemory
 from deltadct.methods import create_method, list_methods
 
 MODELS = {
@@ -82,52 +82,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class PeakRSS:
-    """Samples the process RSS every few ms while active (CPU runs): peak above the starting RSS."""
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self._proc, self._interval = psutil.Process(), interval
-        self.start = self.peak = 0
-
-    def __enter__(self):
-        self.start = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def extra(self) -> int:
-        return self.peak - self.start
-
-
 @contextlib.contextmanager
 def peak_extra_memory(device: torch.device):
-    """Yields a dict that receives ``extra``: peak bytes above what was allocated at entry."""
+    """Yields a dict that receives ``extra``: peak bytes above the start (CUDA allocator, else process RSS)."""
     out: dict[str, int] = {}
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    with PeakMemory(device, interval=0.005) as memory:
         yield out
-        synchronize(device)
-        out["extra"] = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with PeakRSS() as rss:
-            yield out
-        out["extra"] = rss.extra
+    out["extra"] = memory.cuda_extra_bytes if device.type == "cuda" else memory.extra_rss_bytes
 
 
 @dataclass

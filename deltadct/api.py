@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointReader, check_match, match_keys, open_checkpoint
 from .errors import ConfigError, FingerprintMismatchError, NonFiniteError, ShapeMismatchError
-from .format import (FORMAT_NAME, FORMAT_VERSION, VALUE_FIELD, DeltaFile, canonical_json, finalize_header,
-                     in_memory, load, read_header, tensor_name, verify_checksum)
+from . import __version__
+from .format import (FORMAT_NAME, FORMAT_VERSION, VALUE_FIELD, DeltaFile, canonical_json, describe_base,
+                     finalize_header, in_memory, load, read_header, tensor_name, verify_checksum)
 from .io import SafetensorsWriter, atomic_path, check_output_path, dtype_from_name, dtype_name, tensor_bytes
-from .methods import Method, create_method
+from .methods import Method, MethodConfig, create_method
 from .policy import TensorPolicy
 
 PathLike = str | os.PathLike
@@ -90,13 +91,17 @@ def plan_tensors(base: CheckpointReader, finetuned: CheckpointReader, method: Me
 
 
 def _header(method: str, codec: Method, policy: TensorPolicy, entries: dict, plan: Plan, match, fingerprint: str,
-            ft_ckpt: CheckpointReader) -> dict:
-    """The deltadct header of a compressed file (before its content checksum)."""
+            ft_ckpt: CheckpointReader, base_ckpt: CheckpointReader) -> dict:
+    """The deltadct header of a compressed file (before its content checksum). Every option of the
+    method is recorded with its value and config version, so a reader never falls back on its own defaults."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "deltadct_version": __version__,
         "method": method,
         "config": codec.config.to_dict(),
+        "config_version": type(codec.config).VERSION,
+        "base_model": describe_base(base_ckpt.path, base_ckpt.config_json()),
         "policy": policy.to_dict(),
         "entries": entries,
         "from_base": plan.from_base,
@@ -107,7 +112,7 @@ def _header(method: str, codec: Method, policy: TensorPolicy, entries: dict, pla
 
 
 def _fixed_header_bytes(method: str, codec: Method, policy: TensorPolicy, plan: Plan, match,
-                        ft_ckpt: CheckpointReader) -> int:
+                        ft_ckpt: CheckpointReader, base_ckpt: CheckpointReader) -> int:
     """An upper bound on the file-header bytes that do not belong to a compressed tensor: the header
     with every kept/new entry (byte counts and offsets at their widest), checksums, and the tensor
     index of the kept values, each escaped once more as the safetensors metadata string it sits in.
@@ -118,7 +123,7 @@ def _fixed_header_bytes(method: str, codec: Method, policy: TensorPolicy, plan: 
             shape, dtype = list(ft_ckpt.shape(name)), dtype_name(ft_ckpt.dtype(name))
             entries[name] = {"kind": kind, "shape": shape, "dtype": dtype, "fields": [VALUE_FIELD], "bytes": widest}
             index[tensor_name(name, VALUE_FIELD)] = {"dtype": dtype, "shape": shape, "data_offsets": [widest, widest]}
-    header = _header(method, codec, policy, entries, plan, match, "0" * 64, ft_ckpt)
+    header = _header(method, codec, policy, entries, plan, match, "0" * 64, ft_ckpt, base_ckpt)
     header["content_sha256"] = "0" * 64
     return len(json.dumps(canonical_json(header))) + len(json.dumps(index))
 
@@ -134,16 +139,19 @@ def _fingerprint_update(digest, name: str, tensor: torch.Tensor) -> None:
     digest.update(tensor_bytes(tensor))
 
 
-def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out: PathLike | None = None, *,
-             device: str | torch.device = "cpu", policy: TensorPolicy | Mapping[str, Any] | None = None,
-             progress: bool = True, overwrite: bool = False, record_errors: bool = True,
-             **method_config: Any) -> DeltaFile:
+def compress(base: PathLike, finetuned: PathLike, method: str | Method | MethodConfig = "deltadct",
+             out: PathLike | None = None, *, device: str | torch.device = "cpu",
+             policy: TensorPolicy | Mapping[str, Any] | None = None, progress: bool = True, overwrite: bool = False,
+             record_errors: bool = True, **method_config: Any) -> DeltaFile:
     """Compress ``finetuned − base`` with a registered method; write it to ``out`` if given.
 
+    ``method`` is a registered name (options as keywords), a method's config object
+    (``get_method_class("deltadct").Config(patch_size=32)``) or a ready :class:`Method`.
     Everything that can be checked before reading weights is checked first (method name and options,
     policy, output path, key sets and shapes), so a bad call fails fast and writes nothing.
     """
-    codec = create_method(method, method_config)
+    codec = create_method(method, method_config or None)
+    method = codec.name
     policy = _as_policy(policy)
     dev = resolve_device(device)
     if out is not None:
@@ -160,7 +168,7 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
 
     if codec.needs_plan:
         codec.plan(((name, d) for name, _, d in deltas()),
-                   header_bytes=_fixed_header_bytes(method, codec, policy, plan, match, ft_ckpt))
+                   header_bytes=_fixed_header_bytes(method, codec, policy, plan, match, ft_ckpt, base_ckpt))
 
     spool_dir = None if out is None else (Path(out).parent if str(Path(out).parent) else Path("."))
     writer = SafetensorsWriter(spool_dir)
@@ -192,7 +200,7 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
                 entries[name] = {"kind": kind, "shape": list(value.shape), "dtype": dtype_name(value.dtype),
                                  "fields": [VALUE_FIELD], "bytes": value.numel() * value.element_size()}
         header = finalize_header(_header(method, codec, policy, entries, plan, match, fingerprint.hexdigest(),
-                                         ft_ckpt), writer)
+                                         ft_ckpt, base_ckpt), writer)
         if out is None:
             return in_memory(header, writer)
         with atomic_path(out, overwrite=overwrite, inputs=(base, finetuned)) as tmp:

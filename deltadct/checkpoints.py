@@ -70,7 +70,8 @@ class CheckpointReader:
             if file.suffix in SAFETENSORS_SUFFIXES:
                 return self._handle(file).get_tensor(key)
             return self._torch_state(file)[key]
-        except Exception as err:  # safetensors raises its own error types on corrupt data
+        # safetensors and torch.load raise types of their own (and arbitrary ones from a damaged pickle)
+        except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {key!r} from {file}: {err}") from None
 
     def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -118,7 +119,7 @@ def _open_safetensors(file: Path):
 
     try:
         return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types (SafetensorError, Rust panics)
         raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
 
 
@@ -183,7 +184,7 @@ def _torch_load(file: Path, *, mmap: bool):
         raise UnsafeCheckpointError(
             f"{file} needs code execution to unpickle ({_unpickler_reason(err)}); refusing to load it. "
             "Convert it to safetensors in a trusted environment first") from None
-    except Exception as err:  # EOFError, RuntimeError, KeyError …: the pickle or an entry is cut off or damaged
+    except Exception as err:  # noqa: BLE001 - EOFError, RuntimeError, KeyError …: the pickle or an entry is cut off or damaged
         reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{file} is truncated or corrupt: not a readable torch checkpoint ({reason})") from None
 
@@ -217,7 +218,8 @@ def _check_storable(state: dict[str, torch.Tensor], file: Path) -> dict[str, tor
     """Refuse dtypes a delta file cannot hold (complex, float8), as the safetensors reader does."""
     for key, tensor in state.items():
         if tensor.dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {str(tensor.dtype).removeprefix('torch.')}")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"tensor {key!r} in {file} has unsupported dtype {dtype}")
     return state
 
 

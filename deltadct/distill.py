@@ -81,7 +81,7 @@ def _eval_mode(*models: torch.nn.Module):
             m.eval()
         yield
     finally:
-        for m, mode in zip(models, modes):
+        for m, mode in zip(models, modes, strict=True):
             m.train(mode)
 
 

@@ -14,11 +14,15 @@ class ConfigError(DeltaDCTError, ValueError):
     """A method or policy option is out of range, of the wrong type, or unknown."""
 
 
-class UnknownMethodError(ConfigError, KeyError):
-    """A method name that is not in the registry."""
+class UnknownNameError(ConfigError, KeyError):
+    """A name that is not in a registry (method, adapter, evaluator, zoo family); the message lists the known ones."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return self.args[0] if self.args else "unknown method"
+        return self.args[0] if self.args else "unknown name"
+
+
+class UnknownMethodError(UnknownNameError):
+    """A method name that is not in the registry."""
 
 
 class CheckpointError(DeltaDCTError):

@@ -3,10 +3,11 @@
 Tensors are named ``"<tensor name>::<field>"``: a compressed tensor's fields are whatever its method
 wrote (packed codes, side information, scales); a kept or new tensor has one field, ``value``, holding
 the fine-tuned tensor exactly. The header records the format version, the method and its full config,
-the tensor policy, each entry's kind/shape/dtype, the base-checkpoint fingerprint (sha256 of the base
-tensors that were compressed, by name, dtype, shape and bytes), and a content checksum (sha256 of the
-header without the checksum, the safetensors tensor index, then every tensor byte). Loading goes through ``safetensors`` only, so
-reading a file never unpickles anything.
+the config version, the deltadct version and base model that made it, the tensor policy, each entry's
+kind/shape/dtype, the base-checkpoint fingerprint (sha256 of the base tensors that were compressed, by name,
+dtype, shape and bytes), and a content checksum (sha256 of the header without the checksum, the safetensors
+tensor index, then every tensor byte). Loading goes through ``safetensors`` only, so reading a file never
+unpickles anything.
 
 ``bits_per_param`` is measured, not computed from ratios: the file's size in bytes on disk, minus the
 bytes of kept/new tensors, × 8, divided by the number of compressed parameters. Everything else the
@@ -26,7 +27,7 @@ import torch
 
 from .errors import ChecksumError, DeltaDCTError, FormatError
 from .io import SAFETENSORS_DTYPES, SafetensorsWriter, atomic_path, check_output_path, dtype_name, refuse_json_constant
-from .methods import Compressed, Method, create_method
+from .methods import Compressed, Method, get_method_class
 
 FORMAT_NAME = "deltadct"
 FORMAT_VERSION = 1
@@ -85,9 +86,17 @@ class DeltaFile:
         return [n for n, e in self.entries.items() if kind is None or e["kind"] == kind]
 
     @property
+    def config_version(self) -> int:
+        """Version of the method's config the file was written with (files before versioning: 1)."""
+        return self.header.get("config_version", 1)
+
+    @property
     def method(self) -> Method:
+        """The method that decodes the file, configured as recorded: options the file lacks (added to
+        the method after it was written) take the value files of its config version implied."""
         if self._method is None:
-            self._method = create_method(self.method_name, self.config)
+            cls = get_method_class(self.method_name)
+            self._method = cls(cls.Config.from_recorded(self.config, self.config_version))
         return self._method
 
     # -- tensors -------------------------------------------------------------------------------
@@ -110,7 +119,8 @@ class DeltaFile:
         except (KeyError, ValueError, IndexError, TypeError, RuntimeError) as err:
             # fields that do not fit the shape/config (a hand-edited or foreign file): a typed error, not a crash
             raise FormatError(f"{self._where()}: entry {name!r} cannot be decoded with its recorded method and "
-                              f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+                              f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                              ) from None
         if tuple(out.shape) != tuple(entry["shape"]) or not torch.isfinite(out).all():
             raise FormatError(f"{self._where()}: entry {name!r} does not decode to a finite tensor of shape "
                               f"{entry['shape']}")
@@ -184,6 +194,18 @@ def _numel(shape) -> int:
     return out
 
 
+def describe_base(path: str | os.PathLike, config: dict | None) -> dict:
+    """Name and revision of the base model, each None when unknown: the hub id and commit of a Hugging
+    Face cache snapshot (``…/models--<org>--<name>/snapshots/<commit>/…``), else the name its
+    ``config.json`` gives (``_name_or_path``)."""
+    parts = Path(path).absolute().parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return {"name": parts[i - 1][len("models--"):].replace("--", "/"), "revision": parts[i + 1]}
+    name = (config or {}).get("_name_or_path")
+    return {"name": name if isinstance(name, str) and name else None, "revision": None}
+
+
 def finalize_header(header: dict, writer: SafetensorsWriter) -> dict:
     """Add the content checksum for the data the writer holds."""
     header = dict(header)
@@ -227,7 +249,8 @@ def read_header(path: Path) -> tuple[dict, int, dict]:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise FormatError(f"{path} is not a deltadct file (no valid deltadct header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise FormatError(f"{path} is not a deltadct file (header format {header.get('format') if isinstance(header, dict) else None!r})")
+        found = header.get("format") if isinstance(header, dict) else None
+        raise FormatError(f"{path} is not a deltadct file (header format {found!r})")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatError(f"{path} has format version {version!r}; this deltadct reads version {FORMAT_VERSION}")
@@ -291,7 +314,8 @@ def _check_header_structure(path: Path, header: dict, index: dict) -> None:
     if not isinstance(header["method"], str) or not isinstance(header["config"], dict):
         raise bad("method must be a string and config an object")
     try:
-        create_method(header["method"], header["config"])
+        cls = get_method_class(header["method"])
+        cls(cls.Config.from_recorded(header["config"], header.get("config_version", 1)))
     except DeltaDCTError as err:
         raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used ({err})") from None
     for key in ("base_fingerprint", "content_sha256"):
@@ -373,13 +397,13 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> DeltaFile:
         raise FormatError(f"{path}: tensors in the file do not match the header's entries")
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types (SafetensorError, Rust panics)
         raise FormatError(f"{path} is not a readable safetensors file: {err}") from None
 
     def get(name: str) -> torch.Tensor:
         try:
             return handle.get_tensor(name)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types (SafetensorError, Rust panics)
             raise FormatError(f"{path}: cannot read tensor {name!r}: {err}") from None
 
     return DeltaFile(header, get, size_bytes=path.stat().st_size, path=path)

@@ -60,7 +60,7 @@ class GraphCache:
         else:
             self._graphs.move_to_end(signature)
         graph, static_inputs, static_outputs = entry
-        for static, value in zip(static_inputs, inputs):
+        for static, value in zip(static_inputs, inputs, strict=True):
             static.copy_(value)
         graph.replay()
         return finish(static_outputs)

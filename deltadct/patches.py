@@ -75,7 +75,7 @@ def allocate(scores: torch.Tensor, counts: list[int], bit_classes: tuple[int, ..
     # filled on the device from host ints: a host->device copy or a tensor-count repeat_interleave
     # would each stall a CUDA stream once per layer
     ranked_bits = torch.cat([torch.full((c,), b, dtype=torch.uint8, device=scores.device)
-                             for b, c in zip(bit_classes, counts)])
+                             for b, c in zip(bit_classes, counts, strict=True)])
     bits = torch.empty_like(ranked_bits)
     bits[order] = ranked_bits
     return bits

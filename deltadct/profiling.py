@@ -1,8 +1,13 @@
-"""Memory figures for run records and tests."""
+"""Memory figures for run records, benchmarks and tests: one probe, :class:`PeakMemory`, plus the
+process-wide peaks the kernel keeps."""
 from __future__ import annotations
 
 import resource
 import sys
+import threading
+from typing import Any
+
+import torch
 
 
 def peak_rss_bytes() -> int:
@@ -29,3 +34,57 @@ def anon_rss_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+class PeakMemory:
+    """Peak memory while a block runs: ``with PeakMemory(device) as mem: ...``.
+
+    The process RSS is sampled by a thread every ``interval`` seconds (and at entry and exit):
+    ``start_rss_bytes``, ``peak_rss_bytes`` and ``extra_rss_bytes`` (peak above the start). On a CUDA
+    ``device`` torch's allocator peak is read too: ``cuda_start_bytes``, ``cuda_peak_bytes`` and
+    ``cuda_extra_bytes`` (None elsewhere). Sampling needs ``psutil`` (the ``experiments`` extra).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", *, interval: float = 0.01):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._device = torch.device(device)
+        self._stop = threading.Event()
+        self.start_rss_bytes = self.peak_rss_bytes = 0
+        self.cuda_start_bytes: int | None = None
+        self.cuda_peak_bytes: int | None = None
+
+    def _rss(self) -> int:
+        return self._process.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            torch.cuda.reset_peak_memory_stats(self._device)
+            self.cuda_start_bytes = torch.cuda.memory_allocated(self._device)
+        self.start_rss_bytes = self.peak_rss_bytes = self._rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self._device)
+
+    @property
+    def extra_rss_bytes(self) -> int:
+        return self.peak_rss_bytes - self.start_rss_bytes
+
+    @property
+    def cuda_extra_bytes(self) -> int | None:
+        return None if self.cuda_peak_bytes is None else self.cuda_peak_bytes - self.cuda_start_bytes

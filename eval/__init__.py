@@ -1,26 +1,20 @@
-"""Evaluators: score a (reconstructed) model on a task. ``get_evaluator("glue")(max_samples=200).evaluate(
-model, EvalContext(task="sst2", data={...}, processor=tokenizer))`` -> ``{"accuracy": …, "score": …}``.
+"""Evaluators: score a (reconstructed) model on a task. ``create_evaluator("glue", max_samples=200).evaluate(
+model, EvalContext(task="sst2", data={...}, processor=tokenizer, adapter=adapter))`` -> ``{"accuracy": …, "score": …}``.
 
 Every module of this package registers its evaluator on import; importing the package imports them
-all, so ``list_evaluators()`` is complete. Heavy libraries are imported inside the evaluators.
+all, so ``list_evaluators()`` is complete. Other packages add evaluators through the
+``deltadct.evaluators`` entry-point group (see :mod:`deltadct.registry`). Heavy libraries are imported
+inside the evaluators.
 """
 from __future__ import annotations
 
-from .base import EvalContext, EvalOptions, Evaluator, get_evaluator, list_evaluators, register_evaluator
+from deltadct.registry import import_submodules
+
+from .base import (EVALUATORS, EvalContext, EvalOptions, Evaluator, create_evaluator, get_evaluator, list_evaluators,
+                   register_evaluator)
 from .errors import EvalError
 
+import_submodules(__name__, __path__, exclude=("base", "errors"))
 
-def _import_all() -> None:
-    import importlib
-    import pkgutil
-
-    for module in pkgutil.iter_modules(__path__):
-        if module.ispkg or module.name in ("base", "errors"):
-            continue
-        importlib.import_module(f"{__name__}.{module.name}")
-
-
-_import_all()
-
-__all__ = ["EvalContext", "EvalError", "EvalOptions", "Evaluator", "get_evaluator", "list_evaluators",
-           "register_evaluator"]
+__all__ = ["EVALUATORS", "EvalContext", "EvalError", "EvalOptions", "Evaluator", "create_evaluator", "get_evaluator",
+           "list_evaluators", "register_evaluator"]

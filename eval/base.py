@@ -1,6 +1,7 @@
 """The evaluator interface, the context it gets besides the model, and the registry (by name)."""
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -8,8 +9,9 @@ import numpy as np
 
 from torch import nn
 
-from deltadct.errors import ConfigError
+from deltadct.adapters import AdapterError, ModelAdapter, adapter_for, create_adapter
 from deltadct.methods.base import MethodConfig
+from deltadct.registry import Registry
 
 from .errors import EvalError
 
@@ -21,9 +23,23 @@ class EvalContext:
     task: str  # e.g. "sst2", "parity", "zoo_sst2_sentiment"
     data: dict  # the task's data spec, e.g. ZooTask.data or {"kind": "glue", "task": "sst2", "data_dir": ...}
     processor: Any = None  # tokenizer or image transform from the adapter
-    adapter: str | None = None
+    #: the model family's adapter (a registered name is resolved to it); None: found from the model
+    adapter: ModelAdapter | str | None = None
     reference: nn.Module | None = None  # the uncompressed fine-tuned model (reconstruction evaluator)
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, str):
+            self.adapter = create_adapter(self.adapter)
+
+    def adapter_for(self, model: nn.Module) -> ModelAdapter:
+        """The context's adapter, else the registered one whose family ``model`` belongs to."""
+        if self.adapter is not None:
+            return self.adapter
+        try:
+            return adapter_for(model)
+        except AdapterError as err:
+            raise EvalError(f"task {self.task!r}: {err}") from None
 
 
 @dataclass
@@ -34,7 +50,7 @@ class EvalOptions(MethodConfig):
     """
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """A registered evaluator: ``Evaluator(**options).evaluate(model, ctx)`` -> flat ``{metric: float}``,
     the task's headline metric also under ``"score"``."""
 
@@ -44,8 +60,9 @@ class Evaluator:
     def __init__(self, **options: Any):
         self.options = self.Options.from_dict(options)
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
-        raise NotImplementedError
+        """Flat ``{metric: value}`` of ``model`` on ``ctx.task``, the headline metric also under ``"score"``."""
 
 
 def require_processor(ctx: EvalContext, what: str = "a tokenizer") -> Any:
@@ -63,24 +80,21 @@ def sample_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
 
 
-_REGISTRY: dict[str, type[Evaluator]] = {}
+EVALUATORS: Registry[Evaluator] = Registry("evaluator", Evaluator, entry_point_group="deltadct.evaluators")
 
-
-def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
-    """Class decorator: add an :class:`Evaluator` subclass to the registry under ``cls.name``."""
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"evaluator {cls.name!r} registered twice ({_REGISTRY[cls.name]} and {cls})")
-    _REGISTRY[cls.name] = cls
-    return cls
+#: class decorator: add an :class:`Evaluator` subclass to the registry under ``cls.name``
+register_evaluator = EVALUATORS.register
 
 
 def list_evaluators() -> list[str]:
-    return sorted(_REGISTRY)
+    return EVALUATORS.names()
 
 
 def get_evaluator(name: str) -> type[Evaluator]:
-    """The evaluator class registered as ``name`` (instantiate it with its options)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown evaluator {name!r}; available: {', '.join(list_evaluators())}") from None
+    """The evaluator class registered as ``name`` (instantiate it with its options, or use :func:`create_evaluator`)."""
+    return EVALUATORS.get(name)
+
+
+def create_evaluator(name: str, **options: Any) -> Evaluator:
+    """The evaluator registered as ``name`` with validated ``options``."""
+    return EVALUATORS.create(name, **options)

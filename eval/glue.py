@@ -148,10 +148,14 @@ class GlueEvaluator(Evaluator):
         texts, labels = load_glue_split(task, split, opts.data_dir or ctx.data.get("data_dir"))
         keep = sample_indices(len(texts), opts.max_samples, opts.seed)
         texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
-        if getattr(model.config, "is_encoder_decoder", False):
-            predictions = self._generate(model, tokenizer, task, texts, ctx)
+        adapter = ctx.adapter_for(model)
+        if adapter.answers_by == "generate":
+            predictions = self._generate(model, adapter, tokenizer, task, texts, ctx)
+        elif adapter.answers_by == "classify":
+            predictions = self._classify(model, adapter, tokenizer, task, texts, ctx)
         else:
-            predictions = self._classify(model, tokenizer, task, texts, ctx)
+            raise EvalError(f"GLUE {task.name}: {adapter.name} models neither classify nor generate answers "
+                            "(score language models with the lm_eval evaluator)")
         return {**glue_metrics(task.name, labels, predictions), "num_examples": float(len(labels))}
 
     def _batches(self, items: list, desc: str):
@@ -161,8 +165,8 @@ class GlueEvaluator(Evaluator):
             yield items[start:start + size]
 
     @torch.no_grad()
-    def _classify(self, model, tokenizer, task: GlueTask, texts, ctx: EvalContext) -> list[float]:
-        num_labels = model.config.num_labels
+    def _classify(self, model, adapter, tokenizer, task: GlueTask, texts, ctx: EvalContext) -> list[float]:
+        num_labels = adapter.num_classes(model)
         if num_labels != task.num_labels:
             raise EvalError(f"the model has {num_labels} output label(s) but GLUE {task.name} has "
                             f"{task.num_labels}; wrong checkpoint for this task?")
@@ -172,12 +176,12 @@ class GlueEvaluator(Evaluator):
         for batch in self._batches(texts, f"glue {task.name}"):
             enc = tokenizer(*zip(*batch), truncation=True, max_length=max_length, padding="longest",
                             return_tensors="pt").to(device)
-            logits = model(**enc).logits
+            logits = adapter.logits(model, enc)
             predictions.extend(logits[:, 0].tolist() if task.label_names is None else logits.argmax(-1).tolist())
         return predictions
 
     @torch.no_grad()
-    def _generate(self, model, tokenizer, task: GlueTask, texts, ctx: EvalContext) -> list[float]:
+    def _generate(self, model, adapter, tokenizer, task: GlueTask, texts, ctx: EvalContext) -> list[float]:
         words = tuple(self.options.label_words or ctx.data.get("label_words") or task.label_names or ())
         if task.label_names is not None and len(words) != task.num_labels:
             raise EvalError(f"label_words {list(words)} do not fit GLUE {task.name}'s "
@@ -196,7 +200,7 @@ class GlueEvaluator(Evaluator):
                                 f"({err}); fields: {list(task.text_columns)}") from None
             enc = tokenizer(prompts, truncation=True, max_length=max_length, padding="longest",
                             return_tensors="pt").to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+            out = adapter.generate(model, enc, max_new_tokens=max_new_tokens)
             for text in tokenizer.batch_decode(out, skip_special_tokens=True):
                 predictions.append(_decode_prediction(text, task, lookup))
         return predictions

@@ -4,7 +4,7 @@ Parameter level, over the weight matrices (parameters with two or more dimension
 compression policy may touch): per-tensor relative Frobenius error ``‖W − W_ref‖ / ‖W_ref‖`` and
 cosine similarity, summarised as mean / max error, mean cosine, and the global relative error over
 all of them together (``score``, lower is better). :meth:`ReconstructionEvaluator.layer_errors`
-gives the per-tensor table. Output level, when the context names an adapter that can build example
+gives the per-tensor table. Output level, when the context has an adapter that can build example
 inputs: ``KL(reference ‖ model)`` of the output distributions on a few fixed random inputs (token ids
 from the vocabulary, or images of the model's input size), averaged over examples and positions,
 and the share of positions where both agree on the top-1 output.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltadct.adapters import AdapterError, get_adapter
+from deltadct.adapters import AdapterError, ModelAdapter
 
 from .base import EvalContext, EvalOptions, Evaluator, register_evaluator
 from .errors import EvalError
@@ -52,11 +52,10 @@ def layer_errors(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, 
 
 
 @torch.no_grad()
-def output_divergence(model: nn.Module, reference: nn.Module, adapter_name: str, processor,
+def output_divergence(model: nn.Module, reference: nn.Module, adapter: ModelAdapter, processor,
                       num_inputs: int, seed: int) -> dict[str, float]:
     """KL(reference ‖ model) and top-1 agreement on ``num_inputs`` fixed example inputs; {} when the
     family has no example inputs (state-dict-only families)."""
-    adapter = get_adapter(adapter_name)
     try:
         inputs = adapter.example_inputs(reference, processor, num=num_inputs, seed=seed)
     except AdapterError:

@@ -6,7 +6,8 @@ order (torchvision ``ImageFolder``), or ``{"kind": "datasets", "path": ..., "nam
 (a ``[num_classes, dim]`` tensor of class embeddings, e.g. CLIP text embeddings, in a ``.safetensors`` or
 ``.pt`` file) the model's classifier is bypassed: logits = normalised image embedding @ normalised head.T
 (CLIP-style zero-shot head; the embedding is the pooled features, or the model's projection head's
-output where that has the head's width, see :func:`image_features`).
+output where that has the head's width: the adapter's ``image_features``). What differs between model
+families (classes, channels, inputs, embeddings) comes from the context's adapter.
 """
 from __future__ import annotations
 
@@ -21,20 +22,6 @@ from tqdm.auto import tqdm
 
 from .base import EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices
 from .errors import EvalError
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "num_labels")
-
-
-def model_num_classes(model: nn.Module) -> int:
-    return model.config.num_labels if _is_hf(model) else model.num_classes
-
-
-def model_channels(model: nn.Module) -> int:
-    if _is_hf(model):
-        return model.config.num_channels
-    return model.pretrained_cfg.get("input_size", (3,))[0]
 
 
 def load_head(path: str | Path) -> torch.Tensor:
@@ -53,24 +40,6 @@ def load_head(path: str | Path) -> torch.Tensor:
     if not isinstance(head, torch.Tensor) or head.ndim != 2:
         raise EvalError(f"{path} must hold one 2-D tensor [num_classes, dim] (or one named 'head')")
     return head.float()
-
-
-def image_features(model: nn.Module, pixels: torch.Tensor, dim: int) -> torch.Tensor:
-    """The image embedding a zero-shot head of width ``dim`` scores against.
-
-    timm: the pooled features before the head if they are ``dim`` wide, else the head's output when
-    that is (timm's CLIP image towers, e.g. ``vit_base_patch32_clip_224.openai``, keep CLIP's image
-    projection as their ``head``: 768 → 512, the width of the text embeddings). Hugging Face: CLIP's
-    ``get_image_features``, else the pooled output.
-    """
-    if not _is_hf(model):
-        pooled = model.forward_head(model.forward_features(pixels), pre_logits=True)
-        return pooled if pooled.shape[-1] == dim or model.num_classes != dim else model.get_classifier()(pooled)
-    if hasattr(model, "get_image_features"):
-        return model.get_image_features(pixel_values=pixels)
-    out = model.base_model(pixel_values=pixels)
-    pooled = getattr(out, "pooler_output", None)
-    return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
 
 class ImageSource:
@@ -147,10 +116,11 @@ class VisionEvaluator(Evaluator):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         processor = require_processor(ctx, "an image transform")
-        mode = ctx.data.get("image_mode") or ("L" if model_channels(model) == 1 else "RGB")
+        adapter = ctx.adapter_for(model)
+        mode = ctx.data.get("image_mode") or ("L" if adapter.input_channels(model) == 1 else "RGB")
         source = ImageSource(ctx.data, mode)
         head = load_head(ctx.data["head"]) if ctx.data.get("head") else None
-        num_classes = head.shape[0] if head is not None else model_num_classes(model)
+        num_classes = head.shape[0] if head is not None else adapter.num_classes(model)
         if num_classes != len(source.classes):
             raise EvalError(f"the model predicts {num_classes} classes but the data of task {ctx.task!r} has "
                             f"{len(source.classes)} ({', '.join(map(str, source.classes[:10]))}"
@@ -166,13 +136,13 @@ class VisionEvaluator(Evaluator):
             batch = indices[start:start + size]
             pixels = preprocess(processor, [source.image(i) for i in batch]).to(device)
             if head is not None:
-                features = image_features(model, pixels, head.shape[1])
+                features = adapter.image_features(model, pixels, head.shape[1])
                 if features.shape[-1] != head.shape[1]:
                     raise EvalError(f"image features have dim {features.shape[-1]} but the zero-shot head "
                                     f"{ctx.data['head']} has dim {head.shape[1]}")
                 logits = F.normalize(features, dim=-1) @ head.T
             else:
-                logits = model(pixel_values=pixels).logits if _is_hf(model) else model(pixels)
+                logits = adapter.logits(model, adapter.pixel_inputs(pixels))
             labels = torch.tensor([source.labels[i] for i in batch], device=device)
             correct += int((logits.argmax(-1) == labels).sum())
         accuracy = correct / len(indices) if indices else float("nan")

@@ -12,12 +12,14 @@ Layout of a composed config (``deltadct-run --cfg job`` prints it)::
     eval:       evaluator name -> its options (conf/eval/<name>.yaml); ``model.evaluators`` picks which run
     logger:     none | wandb (conf/logger/)
     zoo:        mode / seed / cache dir of the offline zoo (used by pairs with ``model.zoo`` set)
-    store:      where result records go
+    paths:      data, checkpoint, cache, output dirs and the store (conf/paths/); other keys refer to them
+    store:      where result records go (``${paths.store}``)
     experiment: tag stored with every record; tables filter on it (conf/experiment/ presets set it)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -25,7 +27,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from deltadct.api import resolve_device
 from deltadct.errors import ConfigError
-from deltadct.methods import MethodConfig, get_method_class
+from deltadct.methods import MethodConfig, get_method_class, list_methods
 from deltadct.policy import TensorPolicy
 
 LOGGERS = ("none", "wandb")
@@ -86,6 +88,23 @@ class ZooConf:
 
 
 @dataclass
+class PathsConf:
+    """Where runs read and write (conf/paths/default.yaml); other keys refer to these."""
+
+    #: real datasets (GLUE TSVs, image folders) that hub pairs' data specs point into
+    data_dir: str = "../shared/data"
+    #: local copies of hub checkpoints
+    checkpoint_dir: str = "checkpoints"
+    #: offline zoo cache; null: $DELTADCT_CACHE, else ~/.cache/deltadct
+    cache_dir: Optional[str] = None
+    #: run dirs (<output_dir>/<experiment>/<time>) and sweep dirs
+    output_dir: str = "outputs"
+    sweep_dir: str = "multirun"
+    #: the result store (JSON lines)
+    store: str = "results/records.jsonl"
+
+
+@dataclass
 class StoreConf:
     #: JSON-lines result store; relative paths are taken from the directory deltadct-run was started in
     path: str = "results/records.jsonl"
@@ -99,6 +118,7 @@ class RunConf:
     logger: LoggerConf = field(default_factory=LoggerConf)
     zoo: ZooConf = field(default_factory=ZooConf)
     store: StoreConf = field(default_factory=StoreConf)
+    paths: PathsConf = field(default_factory=PathsConf)
     #: tag stored in every record (tables filter on it); presets in conf/experiment/ set it
     experiment: str = "adhoc"
     #: run only these tasks of the pair; null: all
@@ -107,6 +127,9 @@ class RunConf:
     reference: bool = True
     #: table hints for deltadct-tables, stored with the records (title, metric)
     table: Dict[str, Any] = field(default_factory=dict)
+    #: the points of a study that a driver runs job by job (e.g. ``study.grid`` of rate_distortion,
+    #: read by experiments/rate_distortion.py); deltadct-run itself ignores it
+    study: Dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     #: re-run configs already in the store
     force: bool = False
@@ -115,13 +138,31 @@ class RunConf:
     progress: bool = False
 
 
+#: the config tree: an absolute path, because relative ones resolve against the module's package when
+#: started as the `deltadct-run` console script (Hydra then looks for a `conf` package)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults."""
-    ConfigStore.instance().store(name="run_schema", node=RunConf)
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml lists it first in its defaults), and a
+    ``method/<name>`` node with the defaults of every registered method that has no conf/method/<name>.yaml:
+    methods that other packages register (entry points) run with ``method=<name>`` like the built-in ones."""
+    from eval import get_evaluator, list_evaluators
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConf)
+    for name in list_methods():
+        if not (CONF_DIR / "method" / f"{name}.yaml").is_file():
+            store.store(group="method", name=name, node={"name": name, **get_method_class(name).Config().to_dict()})
+    for name in list_evaluators():
+        if not (CONF_DIR / "eval" / f"{name}.yaml").is_file():
+            store.store(group="eval", name=name, node={"name": name, **get_evaluator(name).Options().to_dict()})
+    # every registered evaluator's options under eval.<name>, so `eval.<name>.<option>=...` always works
+    store.store(name="evaluators", node={"defaults": [{f"eval@eval.{name}": name} for name in list_evaluators()]})
 
 
 #: keys that do not change what a run computes, left out of the config hash
-VOLATILE_KEYS = ("logger", "store", "force", "progress", "keep_deltas", "table")
+VOLATILE_KEYS = ("logger", "store", "paths", "force", "progress", "keep_deltas", "table", "study")
 
 
 @dataclass
@@ -153,8 +194,8 @@ def method_options(cfg: DictConfig) -> tuple[str, Dict[str, Any]]:
 
 def validate(cfg: DictConfig) -> RunSpec:
     """Check every option that can be checked without loading a model; raise one-line errors."""
-    from deltadct.adapters import get_adapter
-    from eval import get_evaluator
+    from deltadct.adapters import create_adapter
+    from eval import create_evaluator
 
     name, options = method_options(cfg)
     method_config = get_method_class(name).Config.from_dict(options)
@@ -174,7 +215,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         unknown = sorted(set(cfg.tasks) - set(model.tasks))
         if unknown:
             raise ConfigError(f"tasks {unknown} are not tasks of model {model.name!r}: {sorted(model.tasks)}")
-    adapter = get_adapter(model.adapter)
+    adapter = create_adapter(model.adapter)
     policy = TensorPolicy.from_dict({**adapter.policy_defaults,
                                      **OmegaConf.to_container(model.policy, resolve=True)})
     if not model.evaluators:
@@ -182,5 +223,5 @@ def validate(cfg: DictConfig) -> RunSpec:
     evaluators = {}
     for ev in model.evaluators:
         evaluators[ev] = evaluator_options(cfg, ev)
-        get_evaluator(ev)(**evaluators[ev])  # unknown names / options fail here, before any model loads
+        create_evaluator(ev, **evaluators[ev])  # unknown names / options fail here, before any model loads
     return RunSpec(name, method_config, policy, evaluators)

@@ -26,41 +26,25 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from deltadct.io import atomic_save_figure, atomic_write_text
+from experiments.config import CONF_DIR
 from experiments.store import REFERENCE_METHOD, ResultStore
 
 EXPERIMENT = "rate_distortion"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 ERROR_KEY = "reconstruction/score"  # global relative Frobenius error of the weight matrices
 CSV_NAME, PNG_NAME = "rate_distortion.csv", "rate_distortion.png"
-DARE_SEEDS = (0, 1, 2)
 
 
-def _dct(widths: Sequence[int], ratios: Sequence[float], budget: float, **extra: Any) -> dict[str, Any]:
-    return {"bit_widths": list(widths), "ratios": list(ratios), "budget": budget, **extra}
+def load_study() -> tuple[dict[str, list[dict[str, Any]]], tuple[str, ...]]:
+    """The study's grid (method -> option sets, one point each) and its two end methods, from its preset
+    ``conf/experiment/rate_distortion.yaml`` (``study.grid`` / ``study.ends``)."""
+    from omegaconf import OmegaConf
+
+    study = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{EXPERIMENT}.yaml").study)
+    return study["grid"], tuple(study["ends"])
 
 
-#: method -> settings spanning roughly 0.5-4 bits/param (bitdelta has one fixed rate)
-GRID: dict[str, list[dict[str, Any]]] = {
-    "deltadct": [
-        _dct((2, 1, 0), (0.1, 0.3, 0.6), 0.5),
-        _dct((2, 1, 0), (0.15, 0.45, 0.4), 0.75),
-        _dct((2, 1, 0), (0.2, 0.6, 0.2), 1.0),  # the paper's setting
-        _dct((2, 1, 0), (0.2, 0.6, 0.2), 1.0, rescale="lstsq"),
-        _dct((2, 1, 0), (0.5, 0.5, 0.0), 1.5),
-        _dct((3, 2, 1), (0.2, 0.6, 0.2), 2.0),
-        _dct((4, 3, 2), (0.2, 0.6, 0.2), 3.0),
-        _dct((5, 4, 3), (0.2, 0.6, 0.2), 4.0),
-    ],
-    "deltadct_auto": [{"budget": b, "max_width": 6} for b in (0.5, 1.0, 2.0, 4.0)],
-    "bitdelta": [{}],
-    "delta_come": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
-    "lowrank": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
-    "rtn": [{"bits": b} for b in (1, 2, 3, 4)],
-    "magnitude": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
-    "dare": [{"p": p, "seed": s} for p in (0.99, 0.95, 0.9, 0.8) for s in DARE_SEEDS],
-}
-#: the two ends: the exact delta (and the uncompressed reference the runner scores) and the base alone
-ENDS = ("none", "zero")
+#: method -> settings spanning roughly 0.5-4 bits/param; the exact delta and the base alone at the ends
+GRID, ENDS = load_study()
 
 
 def _override_value(value: Any) -> str:

@@ -17,11 +17,9 @@ import functools
 import importlib.metadata
 import os
 import platform
-import resource
 import socket
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,11 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import deltadct
 from deltadct.errors import CheckpointError, DeltaDCTError
-from experiments.config import VOLATILE_KEYS, RunSpec, register_configs, validate
+from deltadct.profiling import PeakMemory, peak_rss_bytes
+from experiments.config import CONF_DIR, VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
+from experiments.records import Record
 from experiments.store import REFERENCE_METHOD, ResultStore, config_hash
 
-RECORD_VERSION = 1
 VERSIONED_PACKAGES = ("deltadct", "torch", "transformers", "timm", "hydra-core", "numpy", "safetensors")
 
 register_configs()
@@ -68,7 +67,8 @@ def resolve_checkpoint(ref: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref, local_files_only=True))
-    except Exception:  # not a repo id, or not cached: say so in one line
+    # huggingface_hub raises a validation, HTTP or cache error type per case; all mean "not here"
+    except Exception:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {ref!r} is neither a local path nor a model in the local "
                               "Hugging Face cache (download it first, or point the config at a local copy)") from None
 
@@ -98,39 +98,6 @@ def load_pair(cfg: DictConfig) -> tuple[Path, dict[str, TaskSource]]:
 
 # --------------------------------------------------------------------------- measurements
 
-class PeakMemory:
-    """Peak resident memory of this process while the block runs (sampled), and CUDA peak allocation."""
-
-    def __init__(self, interval: float = 0.01):
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak_rss_mb = 0.0
-        self.cuda_max_allocated_mb: float | None = None
-
-    def _sample(self) -> None:
-        while True:
-            self.peak_rss_mb = max(self.peak_rss_mb, self._process.memory_info().rss / 2**20)
-            if self._stop.wait(self._interval):
-                return
-
-    def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss_mb = round(max(self.peak_rss_mb, self._process.memory_info().rss / 2**20), 1)
-        if torch.cuda.is_available():
-            self.cuda_max_allocated_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 class Timer:
     """Wall-clock seconds per named phase: ``with timer("compress"): ...``."""
 
@@ -146,9 +113,8 @@ class Timer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
-def max_rss_mb() -> float:
-    """Peak RSS of the whole process so far (ru_maxrss is KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def _mib(num_bytes: int | None) -> float | None:
+    return None if num_bytes is None else round(num_bytes / 2**20, 1)
 
 
 @functools.cache
@@ -170,19 +136,20 @@ def provenance() -> dict[str, Any]:
             versions[package] = None
     return {"git_commit": commit, "git_dirty": dirty, "versions": versions,
             "host": {"name": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-                     "cpus": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+                     "cpus": os.cpu_count(),
+                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
 
 
 # --------------------------------------------------------------------------- evaluation
 
 def evaluate(model: torch.nn.Module, spec: RunSpec, ctx: Any, seed: int, timer: Timer) -> dict[str, float]:
-    from eval import get_evaluator
+    from eval import create_evaluator
 
     metrics = {}
     for name, options in spec.evaluators.items():
         torch.manual_seed(seed)
         with timer(f"eval/{name}"), torch.no_grad():
-            result = get_evaluator(name)(**options).evaluate(model, ctx)
+            result = create_evaluator(name, **options).evaluate(model, ctx)
         metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
     return metrics
 
@@ -238,16 +205,15 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
               "(force=true re-runs)", file=sys.stderr)
         return []
 
-    from deltadct.adapters import get_adapter
+    from deltadct.adapters import create_adapter
     from eval import EvalContext
 
-    adapter = get_adapter(cfg.model.adapter)
+    adapter = create_adapter(cfg.model.adapter)
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.start(config, run_dir=run_dir, group=group or cfg.logger.group or cfg.experiment, name=name)
-    common = {"record_version": RECORD_VERSION, "experiment": cfg.experiment, "model": cfg.model.name,
-              "family": cfg.model.family, "run_dir": str(run_dir), "overrides": list(overrides or []),
-              **provenance()}
+    common = {"experiment": cfg.experiment, "model": cfg.model.name, "family": cfg.model.family,
+              "run_dir": str(run_dir), "overrides": list(overrides or []), **provenance()}
     written = []
     try:
         for task in dict.fromkeys(todo + ref_todo):
@@ -256,15 +222,15 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             with timer("load_reference"):
                 reference = adapter.load(source.path, device=cfg.device)
                 ctx = EvalContext(task=task, data=source.data, processor=adapter.load_processor(source.path),
-                                  adapter=adapter.name, reference=reference, device=cfg.device)
+                                  adapter=adapter, reference=reference, device=cfg.device)
             if task in ref_todo:
                 metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
                 key_name, score = headline(spec, metrics)
-                record = {**common, "key": record_key(reference_id, task, reference=True), "config_hash": reference_id,
-                          "task": task, "method": REFERENCE_METHOD, "method_options": {}, "score": score,
-                          "score_key": key_name, "metrics": metrics, "bits_per_param": None,
-                          "zoo_scores": source.zoo_scores, "timings": dict(timer.seconds),
-                          "time": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config}
+                record = Record(**common, key=record_key(reference_id, task, reference=True),
+                                config_hash=reference_id, task=task, method=REFERENCE_METHOD, method_options={},
+                                score=score, score_key=key_name, metrics=metrics, bits_per_param=None,
+                                zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
+                                time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
                 if store.append(record, unless_present=not cfg.force):
                     written.append(record)
                     logger.log_task(record, {})
@@ -272,10 +238,9 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                 continue
             timer = Timer()
             delta_path = run_dir / f"delta_{task}.safetensors"
-            with timer("compress"), PeakMemory() as memory:
-                deltadct.compress(base, source.path, spec.method_name, out=delta_path, device=cfg.device,
-                                  policy=spec.policy, progress=cfg.progress, overwrite=True,
-                                  **spec.method_config.to_dict())
+            with timer("compress"), PeakMemory(cfg.device) as memory:
+                deltadct.compress(base, source.path, spec.method_config, out=delta_path, device=cfg.device,
+                                  policy=spec.policy, progress=cfg.progress, overwrite=True)
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
                 state = deltadct.apply(base, delta_path, device=cfg.device, progress=cfg.progress)
@@ -285,18 +250,18 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             metrics = evaluate(model, spec, ctx, spec.method_config.seed, timer)
             del model
             key_name, score = headline(spec, metrics)
-            record = {**common, "key": record_key(method_id, task), "config_hash": method_id, "task": task,
-                      "method": spec.method_name, "method_options": spec.method_config.to_dict(),
-                      "score": score, "score_key": key_name, "metrics": metrics,
-                      "bits_per_param": info["bits_per_param"], "total_bits_per_param": info["total_bits_per_param"],
-                      "file_bytes": info["file_bytes"], "num_params": info["num_params"],
-                      "num_compressed": info["num_compressed"], "layers": info["layers"],
-                      "zoo_scores": source.zoo_scores,
-                      "timings": dict(timer.seconds),
-                      "memory": {"compress_peak_rss_mb": memory.peak_rss_mb, "max_rss_mb": max_rss_mb(),
-                                 "cuda_max_allocated_mb": memory.cuda_max_allocated_mb},
-                      "delta_path": str(delta_path) if cfg.keep_deltas else None,
-                      "time": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config}
+            record = Record(**common, key=record_key(method_id, task), config_hash=method_id, task=task,
+                            method=spec.method_name, method_options=spec.method_config.to_dict(),
+                            score=score, score_key=key_name, metrics=metrics,
+                            bits_per_param=info["bits_per_param"], total_bits_per_param=info["total_bits_per_param"],
+                            file_bytes=info["file_bytes"], num_params=info["num_params"],
+                            num_compressed=info["num_compressed"], layers=info["layers"],
+                            zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
+                            memory={"compress_peak_rss_mb": _mib(memory.peak_rss_bytes),
+                                    "max_rss_mb": _mib(peak_rss_bytes()),
+                                    "cuda_max_allocated_mb": _mib(memory.cuda_peak_bytes)},
+                            delta_path=str(delta_path) if cfg.keep_deltas else None,
+                            time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
             if not cfg.keep_deltas:
                 delta_path.unlink()
             if store.append(record, unless_present=not cfg.force):
@@ -310,11 +275,6 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
 
 
 # --------------------------------------------------------------------------- entry point
-
-# An absolute path: relative ones resolve against the module's package when started as the
-# `deltadct-run` console script (Hydra then looks for a `conf` package), and conf/ lives next to it.
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:

@@ -190,3 +190,44 @@ def test_beit3_state_dict_boundaries(tmp_path):
         adapter.load_with_state_dict(tmp_path / "ft.pth", wrong)
     with pytest.raises(KeyMismatchError, match="missing from the state dict"):
         adapter.load_with_state_dict(tmp_path / "ft.pth", {k: v for k, v in state.items() if "fc1" not in k})
+
+
+# ------------------------------------------------------------------ family knowledge evaluators ask for
+
+def test_each_family_answers_for_its_own_models(tiny_bert, tiny_timm):
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    from deltadct.adapters import adapter_for
+    from deltadct.adapters.beit3_state_dict import StateDictModel
+
+    bert, vit = tiny_bert[1], tiny_timm[1]
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                             num_heads=2, decoder_start_token_id=0)).eval()
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    beit3 = StateDictModel(beit3_state(layers=1))
+    found = {name: adapter_for(model).name for name, model in
+             {"bert": bert, "vit": vit, "t5": t5, "gpt": gpt, "beit3": beit3}.items()}
+    assert found == {"bert": "hf_seqcls", "vit": "timm_vit", "t5": "hf_t5", "gpt": "hf_causal_lm",
+                     "beit3": "beit3_state_dict"}
+    assert [get_adapter(n).answers_by for n in ("hf_seqcls", "timm_vit", "hf_vit", "hf_t5", "hf_causal_lm")] == \
+        ["classify", "classify", "classify", "generate", None]
+    with pytest.raises(AdapterError, match="no registered model adapter handles a Linear"):
+        adapter_for(torch.nn.Linear(2, 2))
+
+    seqcls, timm_adapter, t5_adapter = get_adapter("hf_seqcls"), get_adapter("timm_vit"), get_adapter("hf_t5")
+    assert seqcls.num_classes(bert) == 3 and timm_adapter.num_classes(vit) == 4
+    assert timm_adapter.input_channels(vit) == 1
+    pixels = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_adapter.logits(vit, timm_adapter.pixel_inputs(pixels)), vit(pixels))
+        # the zero-shot embedding: pooled features (32 wide) or, for a head as wide as the classes, its output
+        assert timm_adapter.image_features(vit, pixels, 32).shape == (2, 32)
+        torch.testing.assert_close(timm_adapter.image_features(vit, pixels, 4), vit(pixels))
+        ids = torch.tensor([[3, 4, 5, 1]])
+        answer = t5_adapter.generate(t5, {"input_ids": ids}, max_new_tokens=3)
+        expected = t5.generate(input_ids=ids, max_new_tokens=3, do_sample=False, num_beams=1)
+    torch.testing.assert_close(answer, expected)
+    with pytest.raises(AdapterError, match="'hf_seqcls' does not generate text"):
+        seqcls.generate(bert, {}, max_new_tokens=1)
+    with pytest.raises(AdapterError, match="'hf_seqcls' does not take images"):
+        seqcls.pixel_inputs(pixels)

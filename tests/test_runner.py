@@ -81,8 +81,8 @@ def test_every_preset_composes_into_a_sweep_with_its_tag(preset):
 def test_sweep_presets_sweep_what_they_say():
     params = lambda p: _compose([f"experiment={p}"], hydra_config=True).hydra.sweeper.params  # noqa: E731
     assert params("sweep_patch_size") == {"method.patch_size": "8,16,32,64"}
-    ratios = params("sweep_ratio")["method.ratios"]
-    assert ratios.count("[") == 5 and "[0.5,0,0.5]" in ratios
+    ratios = params("ablation_ratio")["method.ratios"]
+    assert ratios.count("[") == 6 and "[0,1,0]" in ratios and "[0.5,0,0.5]" in ratios
     assert params("default") == {"method": "glob(*)"}
     assert _compose(["experiment=default"]).zoo.mode == "full"
 

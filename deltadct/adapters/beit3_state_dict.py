@@ -78,3 +78,6 @@ class BEiT3StateDictAdapter(ModelAdapter):
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         raise AdapterError(NO_MODEL_CODE)
+
+    def handles(self, model: nn.Module) -> bool:
+        return isinstance(model, StateDictModel)

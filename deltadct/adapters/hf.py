@@ -43,11 +43,23 @@ class HuggingFaceAdapter(ModelAdapter):
     """A family loaded by one ``transformers`` Auto class (``auto_class``)."""
 
     auto_class: ClassVar[str]
+    #: the ``transformers.models.auto.modeling_auto`` table of the model classes ``auto_class`` builds
+    model_names: ClassVar[str]
 
     def _auto(self):
         import transformers
 
         return getattr(transformers, self.auto_class)
+
+    def handles(self, model: nn.Module) -> bool:
+        """A model of one of the classes the Auto class builds (by class name: no model code is imported)."""
+        from transformers.models.auto import modeling_auto
+
+        names = getattr(modeling_auto, self.model_names).values()
+        return type(model).__name__ in {n for entry in names for n in ((entry,) if isinstance(entry, str) else entry)}
+
+    def num_classes(self, model: nn.Module) -> int:
+        return model.config.num_labels
 
     def load(self, path: PathLike, *, device: str = "cpu") -> nn.Module:
         path = checkpoint_path(path)

@@ -14,6 +14,7 @@ from .hf import HuggingFaceAdapter, model_device, random_token_ids
 class CausalLMAdapter(HuggingFaceAdapter):
     name = "hf_causal_lm"
     auto_class = "AutoModelForCausalLM"
+    model_names = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         ids = random_token_ids(processor, model, num=num, length=32, seed=seed)

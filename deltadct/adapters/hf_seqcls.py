@@ -14,6 +14,8 @@ from .hf import HuggingFaceAdapter, model_device, random_token_ids
 class SequenceClassificationAdapter(HuggingFaceAdapter):
     name = "hf_seqcls"
     auto_class = "AutoModelForSequenceClassification"
+    model_names = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
+    answers_by = "classify"
     # The classification head is new (absent from the base encoder): store it in full. Base-only tensors
     # (pre-training heads, the pooler of some bases, legacy position_ids buffers) have no place in the result.
     policy_defaults = {"extra_keys": "keep", "missing_keys": "ignore"}

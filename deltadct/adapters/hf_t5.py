@@ -14,6 +14,8 @@ from .hf import HuggingFaceAdapter, model_device, random_token_ids
 class T5Adapter(HuggingFaceAdapter):
     name = "hf_t5"
     auto_class = "AutoModelForSeq2SeqLM"
+    model_names = "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"
+    answers_by = "generate"
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         # Random encoder input and a random teacher-forced decoder prefix: logits at every decoder step.
@@ -21,3 +23,7 @@ class T5Adapter(HuggingFaceAdapter):
         decoder = random_token_ids(processor, model, num=num, length=8, seed=seed + 1)
         device = model_device(model)
         return {"input_ids": ids.to(device), "decoder_input_ids": decoder.to(device)}
+
+    def generate(self, model: nn.Module, inputs, *, max_new_tokens: int) -> torch.Tensor:
+        # an encoder-decoder's output is the answer alone (after the decoder start token)
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)

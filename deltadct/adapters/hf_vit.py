@@ -14,6 +14,8 @@ from .hf import HuggingFaceAdapter, model_device, quiet_transformers
 class HFImageClassificationAdapter(HuggingFaceAdapter):
     name = "hf_vit"
     auto_class = "AutoModelForImageClassification"
+    model_names = "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"
+    answers_by = "classify"
     # A fine-tuned classifier has a new head (other classes than the pre-training one); base-only tensors
     # (the pooler of an ``AutoModel`` base, pre-training heads) have no place in the result.
     policy_defaults = {"extra_keys": "keep", "missing_keys": "ignore"}
@@ -32,4 +34,23 @@ class HFImageClassificationAdapter(HuggingFaceAdapter):
         height, width = (size, size) if isinstance(size, int) else size
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(num, model.config.num_channels, height, width, generator=generator)
-        return {"pixel_values": pixels.to(model_device(model))}
+        return self.pixel_inputs(pixels.to(model_device(model)))
+
+    def handles(self, model: nn.Module) -> bool:
+        # CLIP-like models with an image tower are scored like image classifiers (zero-shot heads)
+        return super().handles(model) or hasattr(model, "get_image_features")
+
+    def input_channels(self, model: nn.Module) -> int:
+        config = getattr(model.config, "vision_config", model.config)
+        return config.num_channels
+
+    def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_values": pixels}
+
+    def image_features(self, model: nn.Module, pixels: torch.Tensor, dim: int) -> torch.Tensor:
+        """CLIP's ``get_image_features`` (the projection into the text space), else the pooled output."""
+        if hasattr(model, "get_image_features"):
+            return model.get_image_features(pixel_values=pixels)
+        out = model.base_model(pixel_values=pixels)
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state[:, 0]

@@ -29,6 +29,7 @@ def _create(path: Path, pretrained: bool) -> nn.Module:
 @register_adapter
 class TimmAdapter(ModelAdapter):
     name = "timm_vit"
+    answers_by = "classify"
     # A fine-tuned classifier has a new head (another number of classes than the base).
     policy_defaults = {"extra_keys": "keep"}
 
@@ -64,7 +65,30 @@ class TimmAdapter(ModelAdapter):
         channels, height, width = get_model_input_config(model)["input_size"]
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(num, channels, height, width, generator=generator)
-        return {"x": pixels.to(next(model.parameters()).device)}
+        return self.pixel_inputs(pixels.to(next(model.parameters()).device))
 
     def logits(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(inputs["x"])
+
+    def handles(self, model: nn.Module) -> bool:
+        # timm models carry the pretrained_cfg they were created with and split forward into features + head
+        return hasattr(model, "pretrained_cfg") and hasattr(model, "forward_head")
+
+    def num_classes(self, model: nn.Module) -> int:
+        return model.num_classes
+
+    def input_channels(self, model: nn.Module) -> int:
+        # the model's own first layer, not pretrained_cfg: that stays the source checkpoint's (often 3)
+        from timm.models import get_model_input_config
+
+        return get_model_input_config(model)["input_size"][0]
+
+    def pixel_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"x": pixels}
+
+    def image_features(self, model: nn.Module, pixels: torch.Tensor, dim: int) -> torch.Tensor:
+        """The pooled features before the head if they are ``dim`` wide, else the head's output when that
+        is (timm's CLIP image towers, e.g. ``vit_base_patch32_clip_224.openai``, keep CLIP's image projection
+        as their ``head``: 768 → 512, the width of the text embeddings)."""
+        pooled = model.forward_head(model.forward_features(pixels), pre_logits=True)
+        return pooled if pooled.shape[-1] == dim or model.num_classes != dim else model.get_classifier()(pooled)

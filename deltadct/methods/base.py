@@ -8,6 +8,7 @@ Methods never touch files, models or Hydra configs: those live in :mod:`deltadct
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import typing
@@ -38,18 +39,48 @@ class Compressed:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def versioned_field(default: Any, *, since: int, before: Any) -> Any:
+    """A config field added in version ``since`` of its config class (``Config.VERSION`` raised to it):
+    files written before it lack the option, and were made by code that behaved as ``before`` says.
+
+    >>> gain: float = versioned_field(1.0, since=2, before=0.5)   # files of version 1 meant 0.5
+    """
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("versioned_field takes immutable defaults (a tuple, not a list)")
+    return field(default=default, metadata={"since": since, "before": before})
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config. Subclasses add fields and override :meth:`validate`.
 
     ``seed`` is on every config so that randomised methods (DARE) are reproducible and
     deterministic methods accept it harmlessly in a sweep.
+
+    ``VERSION`` is recorded in every file next to the config. A subclass that gains an option raises
+    it and declares the option with :func:`versioned_field`, so that :meth:`from_recorded` reads files
+    written before with the value they implied, never with today's default.
     """
+
+    VERSION: ClassVar[int] = 1
 
     seed: int = 0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the field and value at fault."""
+
+    @classmethod
+    def from_recorded(cls, values: Mapping[str, Any], version: int = 1) -> "MethodConfig":
+        """The config a file recorded (``values``, written at config ``version``): an option the file
+        lacks because it was added after ``version`` takes the value files of that version implied."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigError(f"config version {version!r} of {cls.__qualname__} is not a positive integer")
+        if version > cls.VERSION:
+            raise ConfigError(f"the config was written at version {version} of {cls.__qualname__}, newer than "
+                              f"this deltadct reads ({cls.VERSION}); upgrade deltadct")
+        implied = {f.name: f.metadata["before"] for f in dataclasses.fields(cls)
+                   if f.metadata.get("since", 1) > version}
+        return cls.from_dict({**implied, **values})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> "MethodConfig":
@@ -82,7 +113,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     try:
         if origin in (tuple, list):
             if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",") if v.strip()]
+                bare = value.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
+                value = [v for v in bare.split(",") if v.strip()]
             elem = args[0] if args else float
             return tuple(_coerce(name, v, elem) for v in value)
         if hint is bool:
@@ -134,7 +166,7 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"option {name!r}: {value!r} must be <= {hi}")
 
 
-class Method:
+class Method(abc.ABC):
     """A registered compression method.
 
     Subclasses set ``name`` and ``Config`` and implement :meth:`compress` / :meth:`reconstruct`.
@@ -167,11 +199,13 @@ class Method:
     def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
         """Raise :class:`ConfigError` if a tensor of this shape cannot be compressed (e.g. smaller than a patch)."""
 
+    @abc.abstractmethod
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
-        raise NotImplementedError
+        """The file payload of one delta tensor."""
 
+    @abc.abstractmethod
     def reconstruct(self, compressed: Compressed, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-        raise NotImplementedError
+        """The float32 delta of ``shape`` that ``compressed`` stands for."""
 
     def generator(self, name: str, device: torch.device) -> torch.Generator:
         """A per-tensor RNG seeded from the config seed and the tensor name (order-independent)."""

@@ -84,7 +84,7 @@ def _clipped_ranges(rows: torch.Tensor, ranks: list[int], widths: tuple[int, ...
     """Per row, the range c·(min, max) with c in :data:`CLIP_RATIOS` that quantises it with least error."""
     lows, highs = [], []
     start = 0
-    for width, k in zip(widths, ranks):
+    for width, k in zip(widths, ranks, strict=True):
         group = rows[start:start + k]
         lo, hi = group.amin(dim=1), group.amax(dim=1)
         best = torch.full_like(lo, torch.inf)
@@ -123,7 +123,7 @@ class DeltaCoMe(Method):
         check_fp16_range(torch.cat([a_lo, a_hi, b_lo, b_hi]), "a singular-vector range", name)
         fields, lo, hi = encode_range_fp16(torch.cat([a_lo, b_lo]), torch.cat([a_hi, b_hi]))
         streams, start = [], 0
-        for width, k in zip(self.config.bit_widths, ranks):
+        for width, k in zip(self.config.bit_widths, ranks, strict=True):
             for side_rows, offset in ((a_rows, 0), (b_rows, kept)):
                 sel = slice(offset + start, offset + start + k)
                 codes = quantize(side_rows[start:start + k], lo[sel], hi[sel], width)
@@ -140,7 +140,7 @@ class DeltaCoMe(Method):
         stream = compressed.tensors["codes"]
         a_parts, b_parts = [], []
         start, pos = 0, 0
-        for width, k in zip(self.config.bit_widths, ranks):
+        for width, k in zip(self.config.bit_widths, ranks, strict=True):
             for length, offset, parts in ((m, 0, a_parts), (n, kept, b_parts)):
                 size = packed_size(k * length, width)
                 codes = unpack_bits(stream[pos:pos + size], width, k * length).reshape(k, length)

@@ -54,11 +54,12 @@ class DeltaDCTConfig(MethodConfig):
             raise ConfigError(f"option 'ratios': {list(self.ratios)} has a negative share")
         if abs(sum(self.ratios) - 1.0) > 1e-6:
             raise ConfigError(f"option 'ratios': {list(self.ratios)} sums to {sum(self.ratios):.6g}, not 1")
-        if any(not 0 <= b <= 8 for b in self.bit_widths) or list(self.bit_widths) != sorted(self.bit_widths, reverse=True):
+        widths = list(self.bit_widths)
+        if any(not 0 <= b <= 8 for b in widths) or widths != sorted(widths, reverse=True):
             raise ConfigError(f"option 'bit_widths': {list(self.bit_widths)} must be distinct-or-equal widths "
                               "in 0..8, highest first")
         check_range("budget", self.budget, 0.0, 8.0, lo_open=True)
-        spent = sum(r * b for r, b in zip(self.ratios, self.bit_widths))
+        spent = sum(r * b for r, b in zip(self.ratios, self.bit_widths, strict=True))
         if spent > self.budget + 1e-6:
             raise ConfigError(f"option 'ratios': {list(self.ratios)} spend {spent:.4g} bits/param, "
                               f"over the budget of {self.budget:g}")
@@ -112,7 +113,7 @@ class DeltaDCT(Method):
         all_scores = torch.cat(scores)
         counts = P.allocation_counts(all_scores.numel(), self.config.ratios)
         widths = P.allocate(all_scores, counts, self.config.bit_widths)
-        self._global_widths = dict(zip(names, widths.split([s.numel() for s in scores])))
+        self._global_widths = dict(zip(names, widths.split([s.numel() for s in scores]), strict=True))
 
     def widths_for(self, scores: torch.Tensor, name: str = "") -> tuple[torch.Tensor, list[int]]:
         """Each patch's width, and the number of patches at each width ``0..max(bit_widths)``.
@@ -130,7 +131,7 @@ class DeltaDCT(Method):
             return planned.to(scores.device), torch.bincount(planned.long(), minlength=max_width + 1).tolist()
         counts = P.allocation_counts(scores.numel(), c.ratios)
         width_counts = [0] * (max_width + 1)
-        for b, count in zip(c.bit_widths, counts):
+        for b, count in zip(c.bit_widths, counts, strict=True):
             width_counts[b] += count
         return P.allocate(scores, counts, c.bit_widths), width_counts
 
@@ -166,7 +167,8 @@ class DeltaDCT(Method):
             # the rescale multiply doubles as the copy out of the graph's static output
             out = self._graph_cache.run(
                 ("decode", names, rows_cols),
-                lambda *values: codec.decode_layer_unscaled(dict(zip(names, values)), rows_cols, **options),
+                lambda *values: codec.decode_layer_unscaled(dict(zip(names, values, strict=True)), rows_cols,
+                                                            **options),
                 *fields.values(),
                 finish=lambda parts: parts[0].clone() if parts[1] is None else parts[0] * parts[1])
         else:

@@ -114,8 +114,8 @@ class DeltaDCTAuto(DeltaDCT):
         payload += (8 if c.range_encoding == "log" else 0) + (4 if c.rescale != "none" else 0)
         payload += c.max_width + 1  # each packed code stream rounds up to whole bytes
         offset = 10 ** 12
-        index = sum(len(json.dumps({f"{name}::{f}": {"dtype": "U8", "shape": [numel], "data_offsets": [offset, offset]}}))
-                    for f in fields)
+        index = sum(len(json.dumps({f"{name}::{f}": {"dtype": "U8", "shape": [numel],
+                                                      "data_offsets": [offset, offset]}})) for f in fields)
         entry = json.dumps({name: {"bytes": 8 * numel, "dtype": "bfloat16", "fields": fields, "kind": "compressed",
                                    "rel_error": 0.123456, "shape": list(shape)}})
         return 8 * (payload + index + len(json.dumps(entry)))
@@ -159,7 +159,7 @@ class DeltaDCTAuto(DeltaDCT):
         slope, step_from, step_to = torch.cat(slopes), torch.cat(froms), torch.cat(tos)
         step_cost = rates[step_to.long()] - rates[step_from.long()]
         widths = A.allocate_greedy(slope, step_cost, step_to, budget_bits)
-        self._widths = dict(zip(names, torch.split(widths, counts)))
+        self._widths = dict(zip(names, torch.split(widths, counts), strict=True))
 
     def planned_widths(self, name: str) -> torch.Tensor:
         """The uint8 width of each patch (row-major patch order) that ``plan`` chose for tensor ``name``."""

@@ -13,20 +13,42 @@ Command line: ``deltadct-zoo build vit --mode full``, ``deltadct-zoo list``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
+from deltadct.registry import Registry
 from experiments.zoo.common import (
-    MODES, ZooEntry, ZooError, ZooTask, atomic_build_dir, build_lock, read_manifest, write_manifest, zoo_dir,
+    MODES, BuilderModule, UnknownZooFamilyError, ZooEntry, ZooError, ZooFamily, ZooTask, atomic_build_dir, build_lock,
+    read_manifest, write_manifest, zoo_dir,
 )
 
-__all__ = ["FAMILIES", "MODES", "ZooEntry", "ZooTask", "ZooError", "build_zoo", "list_zoos", "main", "recipe_version",
-           "zoo_policy"]
+__all__ = ["FAMILIES", "MODES", "ZOO_FAMILIES", "ZooEntry", "ZooFamily", "ZooTask", "ZooError", "build_zoo",
+           "get_family", "list_families", "list_zoos", "main", "recipe_version", "register_family", "zoo_policy"]
 
+ZOO_FAMILIES: Registry[ZooFamily] = Registry("zoo family", ZooFamily, error=UnknownZooFamilyError,
+                                             entry_point_group="deltadct.zoo_families")
+#: class decorator: add a :class:`ZooFamily` subclass to the registry under ``cls.name``
+register_family = ZOO_FAMILIES.register
+
+
+#: the families this package defines, each a builder module ``experiments.zoo.<name>`` (plugins add theirs
+#: to :func:`list_families`)
 FAMILIES = ("vit", "minilm", "t5", "gpt")
+for _family in FAMILIES:
+    register_family(type(f"{_family.capitalize()}Zoo", (BuilderModule,),
+                         {"name": _family, "module": f"experiments.zoo.{_family}", "__module__": __name__}))
+
+
+def list_families() -> list[str]:
+    return ZOO_FAMILIES.names()
+
+
+def get_family(name: str) -> ZooFamily:
+    """The zoo family registered as ``name``, as an instance."""
+    return ZOO_FAMILIES.create(name)
+
 
 # Libraries print chatter we cannot help in an offline build (hub checks, tokenizer advice).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -34,16 +56,9 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _builder(family: str):
-    """The module that builds ``family``'s zoo (``experiments.zoo.<family>``)."""
-    if family not in FAMILIES:
-        raise ZooError(f"unknown zoo family {family!r}; choose one of {', '.join(FAMILIES)}")
-    return importlib.import_module(f"experiments.zoo.{family}")
-
-
 def recipe_version(family: str) -> int:
-    """The version of ``family``'s training recipe (its builder's ``RECIPE_VERSION``, 1 when unset)."""
-    return getattr(_builder(family), "RECIPE_VERSION", 1)
+    """The version of ``family``'s training recipe (1 when unset)."""
+    return get_family(family).recipe_version
 
 
 def build_zoo(
@@ -57,8 +72,8 @@ def build_zoo(
 
     ``mode="fast"`` trains for seconds (tests); ``"full"`` trains for minutes (experiments).
     """
-    builder = _builder(family)
-    recipe = recipe_version(family)
+    builder = get_family(family)
+    recipe = builder.recipe_version
     if mode not in MODES:
         raise ZooError(f"unknown zoo mode {mode!r}; choose one of {', '.join(MODES)}")
     final = zoo_dir(family, mode, seed, cache_dir)
@@ -84,10 +99,10 @@ def zoo_policy(family: str) -> dict:
     (``conf/model/zoo_<family>.yaml``), e.g. task heads of another shape than the base's kept whole."""
     from omegaconf import OmegaConf
 
-    from deltadct.adapters import get_adapter
+    from deltadct.adapters import create_adapter
 
     model = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / f"zoo_{family}.yaml")
-    return dict(get_adapter(model.adapter).policy_defaults)
+    return dict(create_adapter(model.adapter).policy_defaults)
 
 
 def list_zoos(cache_dir: str | Path | None = None) -> list[ZooEntry]:
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="cache root (default $DELTADCT_CACHE or ~/.cache/deltadct)")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or load from cache) the zoo of one family, or all")
-    build.add_argument("family", choices=(*FAMILIES, "all"))
+    build.add_argument("family", choices=(*list_families(), "all"))
     build.add_argument("--mode", choices=MODES, default="fast")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "build":
-            for family in FAMILIES if args.family == "all" else (args.family,):
+            for family in list_families() if args.family == "all" else (args.family,):
                 _print_entry(build_zoo(family, args.mode, args.cache_dir, args.seed, not args.quiet))
         else:
             entries = list_zoos(args.cache_dir)

@@ -7,7 +7,9 @@ never leaves a directory that looks like a finished zoo.
 """
 from __future__ import annotations
 
+import abc
 import fcntl
+import importlib
 import json
 import os
 import random
@@ -16,13 +18,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deltadct.errors import DeltaDCTError
+from deltadct.errors import DeltaDCTError, UnknownNameError
 
 MODES = ("fast", "full")
 MANIFEST = "zoo.json"
@@ -33,6 +35,10 @@ DATA_PATH_KEYS = ("root", "data_dir", "include_path", "data_file")
 
 class ZooError(DeltaDCTError):
     """The zoo cannot be built: unknown family or mode, or the real data it needs is missing."""
+
+
+class UnknownZooFamilyError(ZooError, UnknownNameError):
+    """A zoo family name that is not in the registry."""
 
 
 class ZooDataError(ZooError, FileNotFoundError):
@@ -61,6 +67,38 @@ class ZooEntry:
     base_path: Path
     tasks: dict[str, ZooTask]
     root: Path
+
+
+class ZooFamily(abc.ABC):
+    """One family of the zoo, registered by ``name``: how its base and fine-tuned checkpoints are built."""
+
+    name: ClassVar[str]
+
+    @property
+    def recipe_version(self) -> int:
+        """The version of the training recipe; cached zoos of another version are rebuilt."""
+        return 1
+
+    @abc.abstractmethod
+    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
+        """Train and save every checkpoint into ``out`` (renamed to ``final`` once complete)."""
+
+
+class BuilderModule(ZooFamily):
+    """A family whose recipe is a module (``module``) with ``build(out, *, mode, seed, progress, final)``
+    and optionally ``RECIPE_VERSION``, imported only when the family is built (it needs heavy libraries)."""
+
+    module: ClassVar[str]
+
+    def _module(self):
+        return importlib.import_module(self.module)
+
+    @property
+    def recipe_version(self) -> int:
+        return getattr(self._module(), "RECIPE_VERSION", 1)
+
+    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
+        return self._module().build(out, mode=mode, seed=seed, progress=progress, final=final)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -259,6 +297,61 @@ def train_loop(
             bar.set_postfix(loss=f"{value:.3f}")
     model.eval()
     return float(np.mean(tail)) if tail else float("nan")
+
+
+def save_base(model: torch.nn.Module, tokenizer, base_dir: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """Save a pre-trained base with its tokenizer; return the tokenizer as users load it from there (what
+    every fine-tune then uses) and a copy of the base weights."""
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    return AutoTokenizer.from_pretrained(base_dir), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def finetune_each_task(
+    out: Path,
+    steps: Mapping[str, int],
+    *,
+    family: str,
+    load_base: Callable[[], torch.nn.Module],
+    loss_for: Callable[[torch.nn.Module, str, list, int], Callable[[int], torch.Tensor]],
+    predict: Callable[[torch.nn.Module, str, list], list[int]],
+    data_spec: Callable[[str, list], dict],
+    tokenizer,
+    base_state: dict[str, torch.Tensor],
+    lr: float,
+    max_eval: int | None,
+    seed: int,
+    progress: bool,
+) -> dict[str, ZooTask]:
+    """Fine-tune a fresh copy of the base on each GLUE task of ``steps`` (task -> steps) and score it.
+
+    For task ``i`` the callbacks give: ``loss_for(model, task, train, i)`` the batch loss of a step,
+    ``predict(model, task, val)`` label ids, ``data_spec(task, val)`` the task's data spec (writing its
+    evaluation data). Each checkpoint is saved with the tokenizer under ``out/tasks/<task>`` and scored
+    fine-tuned and as the ``zero`` method would rebuild it from the base (``base_state``).
+    """
+    from experiments.zoo.glue import GLUE_TASKS, load_glue, score, subsample
+
+    tasks = {}
+    for t_i, (name, n_steps) in enumerate(steps.items()):
+        task = GLUE_TASKS[name]
+        train = load_glue(name, "train")
+        val = subsample(load_glue(name, "validation"), max_eval, seed)
+        model = load_base()
+        train_loop(model, loss_for(model, name, train, t_i), n_steps, lr, f"{family}: fine-tune {name}", progress)
+        path = out / "tasks" / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+
+        labels = [ex["label"] for ex in val]
+        finetuned = score(task.metric, labels, predict(model, name, val))
+        model.load_state_dict(base_like_state(model.state_dict(), base_state))
+        base = score(task.metric, labels, predict(model, name, val))
+        tasks[name] = ZooTask(name=name, path=path, metric=task.metric, finetuned_score=finetuned, base_score=base,
+                              data=data_spec(name, val))
+    return tasks
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

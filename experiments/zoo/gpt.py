@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from experiments.zoo.common import ZooEntry, ZooTask, base_like_state, batch_indices, deterministic, train_loop
-from experiments.zoo.glue import GLUE_TASKS, load_glue, pretraining_sentences, score, subsample
+from experiments.zoo.common import ZooEntry, batch_indices, deterministic, finetune_each_task, save_base, train_loop
+from experiments.zoo.glue import GLUE_TASKS, pretraining_sentences
 from experiments.zoo.hf import quiet_transformers
 
 VOCAB = 4096  # multiple of 64
@@ -63,7 +63,7 @@ def lm_loss(model, rows: list[list[int]], masks: list[list[int]], pad_id: int) -
 
 
 def prompt_text(name: str, ex: dict) -> str:
-    return PROMPTS[name][1].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"])))
+    return PROMPTS[name][1].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"], strict=True)))
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def write_lm_eval_task(task_dir: Path, final_task_dir: Path, name: str, examples
     task_dir.mkdir(parents=True, exist_ok=True)
     with open(task_dir / f"{lm_task}.jsonl", "w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({**dict(zip(columns, ex["texts"])), "label": ex["label"]}) + "\n")
+            f.write(json.dumps({**dict(zip(columns, ex["texts"], strict=True)), "label": ex["label"]}) + "\n")
     jinja_prompt = prompt.replace("{", "{{").replace("}", "}}").replace("\n", "\\n")
     (task_dir / f"{lm_task}.yaml").write_text(
         f"task: {lm_task}\n"
@@ -111,7 +111,6 @@ def write_lm_eval_task(task_dir: Path, final_task_dir: Path, name: str, examples
 def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
     pre_steps, ft_steps, max_eval = SCHEDULE[mode]
     base_dir = out / "base"
-    tasks = {}
     with quiet_transformers(), deterministic(seed):
         sentences = pretraining_sentences()
         tokenizer = train_tokenizer(sentences)
@@ -124,39 +123,29 @@ def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> Zo
             return lm_loss(model, rows, [[1] * len(r) for r in rows], eos)
 
         train_loop(model, pretrain_loss, pre_steps, LR_PRETRAIN, "gpt: pre-train base", progress)
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)  # from here on, exactly what users load
-        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        tokenizer, base_state = save_base(model, tokenizer, base_dir)
 
-        for t_i, (name, steps) in enumerate(ft_steps.items()):
-            task = GLUE_TASKS[name]
-            train = load_glue(name, "train")
-            val = subsample(load_glue(name, "validation"), max_eval, seed)
-            model = GPT2LMHeadModel.from_pretrained(base_dir)
+        def loss_for(model, name: str, train: list, t_i: int):
             contexts = [ids[-(MAX_LEN - 8):] for ids in tokenizer([prompt_text(name, ex) for ex in train])["input_ids"]]
             answers = [tokenizer(" " + c)["input_ids"] for c in PROMPTS[name][2]]
 
-            def loss(step: int, train=train, contexts=contexts, answers=answers, t_i=t_i) -> torch.Tensor:
+            def loss(step: int) -> torch.Tensor:
                 idx = batch_indices(len(train), BATCH, step, seed + t_i)
                 rows = [contexts[i] + answers[train[i]["label"]] for i in idx]
                 masks = [[0] * len(contexts[i]) + [1] * len(answers[train[i]["label"]]) for i in idx]
                 return lm_loss(model, rows, masks, eos)
 
-            train_loop(model, loss, steps, LR_FINETUNE, f"gpt: fine-tune {name}", progress)
-            path = out / "tasks" / name
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            return loss
 
-            labels = [ex["label"] for ex in val]
-            finetuned = score(task.metric, labels, predict(model, tokenizer, name, val))
-            model.load_state_dict(base_like_state(model.state_dict(), base_state))
-            base = score(task.metric, labels, predict(model, tokenizer, name, val))
+        def data_spec(name: str, val: list) -> dict:
             lm_dir = out / "data" / "lm_eval"
             write_lm_eval_task(lm_dir, final / "data" / "lm_eval", name, val)
-            tasks[name] = ZooTask(
-                name=name, path=path, metric=task.metric, finetuned_score=finetuned, base_score=base,
-                data={"kind": "lm_eval", "task": PROMPTS[name][0], "include_path": lm_dir,
-                      "lm_eval_metric": PROMPTS[name][3], "num_examples": len(val)},
-            )
+            return {"kind": "lm_eval", "task": PROMPTS[name][0], "include_path": lm_dir,
+                    "lm_eval_metric": PROMPTS[name][3], "num_examples": len(val)}
+
+        tasks = finetune_each_task(
+            out, ft_steps, family="gpt", load_base=lambda: GPT2LMHeadModel.from_pretrained(base_dir),
+            loss_for=loss_for, predict=lambda model, name, val: predict(model, tokenizer, name, val),
+            data_spec=data_spec, tokenizer=tokenizer, base_state=base_state, lr=LR_FINETUNE, max_eval=max_eval,
+            seed=seed, progress=progress)
     return ZooEntry("gpt", mode, seed, base_dir, tasks, out)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from experiments.zoo.common import ZooEntry, ZooTask, base_like_state, batch_indices, deterministic, train_loop
-from experiments.zoo.glue import GLUE_TASKS, load_glue, pretraining_sentences, score, subsample, write_eval_data
+from experiments.zoo.common import ZooEntry, batch_indices, deterministic, finetune_each_task, save_base, train_loop
+from experiments.zoo.glue import GLUE_TASKS, pretraining_sentences, write_eval_data
 from experiments.zoo.hf import quiet_transformers
 
 VOCAB = 4096  # multiple of 64; 32 of it are sentinels
@@ -94,7 +94,7 @@ def seq2seq_loss(model, inputs: list[list[int]], targets: list[list[int]]) -> to
 
 
 def render(name: str, ex: dict) -> str:
-    return TEMPLATES[name].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"])))
+    return TEMPLATES[name].format(**dict(zip(GLUE_TASKS[name].text_columns, ex["texts"], strict=True)))
 
 
 @torch.no_grad()
@@ -116,7 +116,6 @@ def predict(model, tokenizer, name: str, examples: list[dict]) -> list[int]:
 def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
     pre_steps, ft_steps, max_eval = SCHEDULE[mode]
     base_dir = out / "base"
-    tasks = {}
     with quiet_transformers(), deterministic(seed):
         sentences = pretraining_sentences()
         tokenizer = train_tokenizer(sentences)
@@ -132,37 +131,27 @@ def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> Zo
             return seq2seq_loss(model, [p[0] for p in pairs], [p[1] for p in pairs])
 
         train_loop(model, pretrain_loss, pre_steps, LR_PRETRAIN, "t5: pre-train base", progress)
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)  # from here on, exactly what users load
-        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        tokenizer, base_state = save_base(model, tokenizer, base_dir)
 
-        for t_i, (name, steps) in enumerate(ft_steps.items()):
-            task = GLUE_TASKS[name]
-            train = load_glue(name, "train")
-            val = subsample(load_glue(name, "validation"), max_eval, seed)
-            model = T5ForConditionalGeneration.from_pretrained(base_dir)
+        def loss_for(model, name: str, train: list, t_i: int):
             sources = tokenizer([render(name, ex) for ex in train], truncation=True, max_length=MAX_INPUT)["input_ids"]
-            answers = tokenizer(list(task.label_words))["input_ids"]
+            answers = tokenizer(list(GLUE_TASKS[name].label_words))["input_ids"]
 
-            def loss(step: int, train=train, sources=sources, answers=answers, t_i=t_i) -> torch.Tensor:
+            def loss(step: int) -> torch.Tensor:
                 idx = batch_indices(len(train), BATCH, step, seed + t_i)
                 return seq2seq_loss(model, [sources[i] for i in idx], [answers[train[i]["label"]] for i in idx])
 
-            train_loop(model, loss, steps, LR_FINETUNE, f"t5: fine-tune {name}", progress)
-            path = out / "tasks" / name
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            return loss
 
-            labels = [ex["label"] for ex in val]
-            finetuned = score(task.metric, labels, predict(model, tokenizer, name, val))
-            model.load_state_dict(base_like_state(model.state_dict(), base_state))
-            base = score(task.metric, labels, predict(model, tokenizer, name, val))
-            tasks[name] = ZooTask(
-                name=name, path=path, metric=task.metric, finetuned_score=finetuned, base_score=base,
-                data={"kind": "glue_text2text", "task": name, "data_dir": write_eval_data(out, name, val),
-                      "split": "validation", "input_template": TEMPLATES[name],
-                      "label_words": list(task.label_words), "max_input_length": MAX_INPUT,
-                      "max_new_tokens": MAX_TARGET, "num_examples": len(val)},
-            )
+        def data_spec(name: str, val: list) -> dict:
+            return {"kind": "glue_text2text", "task": name, "data_dir": write_eval_data(out, name, val),
+                    "split": "validation", "input_template": TEMPLATES[name],
+                    "label_words": list(GLUE_TASKS[name].label_words), "max_input_length": MAX_INPUT,
+                    "max_new_tokens": MAX_TARGET, "num_examples": len(val)}
+
+        tasks = finetune_each_task(
+            out, ft_steps, family="t5", load_base=lambda: T5ForConditionalGeneration.from_pretrained(base_dir),
+            loss_for=loss_for, predict=lambda model, name, val: predict(model, tokenizer, name, val),
+            data_spec=data_spec, tokenizer=tokenizer, base_state=base_state, lr=LR_FINETUNE, max_eval=max_eval,
+            seed=seed, progress=progress)
     return ZooEntry("t5", mode, seed, base_dir, tasks, out)
