@@ -292,7 +292,8 @@ def _read_json(file: Path) -> dict:
     try:
         obj = json.loads(file.read_text(encoding="utf-8"), parse_constant=refuse_json_constant)
     except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"cannot read {file}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read {file}: {reason}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"cannot read {file}: expected a JSON object, found {type(obj).__name__}")
     return obj

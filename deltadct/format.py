@@ -317,7 +317,8 @@ def _check_header_structure(path: Path, header: dict, index: dict) -> None:
         cls = get_method_class(header["method"])
         cls(cls.Config.from_recorded(header["config"], header.get("config_version", 1)))
     except DeltaDCTError as err:
-        raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used ({err})") from None
+        raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used "
+                          f"({err})") from None
     for key in ("base_fingerprint", "content_sha256"):
         if not (isinstance(header[key], str) and _SHA256.match(header[key])):
             raise bad(f"{key} must be a sha256 hex digest")
