@@ -205,7 +205,8 @@ class SafetensorsWriter:
         header = self.header_bytes(metadata)
         with open(target, "wb") as out, open(self._spool.name, "rb") as data:
             out.write(header)
-            shutil.copyfileobj(data, out, _COPY_CHUNK)
+            out.flush()
+            _copy_file(data, out, self._offset)
         self.close()
 
     def close(self) -> None:
@@ -215,6 +216,69 @@ class SafetensorsWriter:
             self._spool.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._spool.name)
+
+
+def _copy_file(src, dst, count: int) -> None:
+    """Append ``count`` bytes of ``src`` (from its start) to ``dst`` inside the kernel: no trip through
+    Python buffers, and a reflink where the filesystem shares extents (XFS, Btrfs)."""
+    done = 0
+    try:
+        while done < count:
+            copied = os.copy_file_range(src.fileno(), dst.fileno(), count - done, done)
+            if copied == 0:
+                break
+            done += copied
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    if done < count:  # no copy_file_range here (or a short source): copy through user space
+        src.seek(done)
+        dst.seek(0, os.SEEK_END)
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+
+
+class PlannedSafetensorsWriter:
+    """A ``.safetensors`` file whose tensor index is known before any data: the header is written
+    first and each tensor goes straight to its place, so the data is written once, with no spool.
+
+    ``specs`` lists (name, dtype, shape) in file order; :meth:`add` must then be called in that
+    order with tensors of exactly those dtypes and shapes (a ValueError otherwise), and
+    :meth:`finish` checks that every one came.
+    """
+
+    def __init__(self, target: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        index, offset = {}, 0
+        for name, dtype, shape in self._specs:
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+            end = offset + torch.Size(shape).numel() * dtype.itemsize
+            index[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        self._next = 0
+        self._file = open(target, "wb")
+        self._file.write(encode_header(index, metadata))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"tensor {name!r} is not in the planned index")
+        planned, dtype, shape = self._specs[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (planned, dtype, shape):
+            raise ValueError(f"tensor {name!r} ({dtype_name(tensor.dtype)} {list(tensor.shape)}) arrived where "
+                             f"{planned!r} ({dtype_name(dtype)} {list(shape)}) was planned")
+        self._file.write(tensor_bytes(tensor))
+        self._next += 1
+
+    def finish(self) -> None:
+        if self._next != len(self._specs):
+            raise ValueError(f"{len(self._specs) - self._next} planned tensor(s) were never written, "
+                             f"the first {self._specs[self._next][0]!r}")
+        self._file.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 def encode_header(index: dict[str, dict], metadata: dict[str, str] | None) -> bytes:
