@@ -29,8 +29,8 @@ from .format import (FORMAT_NAME, FORMAT_VERSION, VALUE_FIELD, DeltaFile, canoni
 from .io import (PlannedSafetensorsWriter, SafetensorsWriter, atomic_path, check_output_path, dtype_from_name,
                  dtype_name)
 from .methods import Method, create_method
-from .pipeline import (BackgroundWriter, LaggedChecks, delta_of, prefetch, relative_error, rounded_relative_error,
-                       surely_finite, to_device)
+from .pipeline import (BackgroundWriter, LaggedChecks, delta_of, prefetch, reader_threads, relative_error,
+                       rounded_relative_error, surely_finite, to_device)
 from .policy import TensorPolicy
 
 PathLike = str | os.PathLike
@@ -367,7 +367,7 @@ def apply(base: PathLike | CheckpointReader, delta: PathLike | DeltaFile, out: P
             except ValueError as err:  # a stored tensor that is not what the header says
                 raise FormatError(f"{where}: {err}") from None
 
-        background = BackgroundWriter(write)
+        background = BackgroundWriter(write, threads=reader_threads())
         try:
             for name, tensor in _applied(ckpt, dfile, dev, progress):
                 background.put(name, tensor)

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -239,46 +240,61 @@ def _copy_file(src, dst, count: int) -> None:
 
 class PlannedSafetensorsWriter:
     """A ``.safetensors`` file whose tensor index is known before any data: the header is written
-    first and each tensor goes straight to its place, so the data is written once, with no spool.
+    first and each tensor straight to its planned place, so the data is written once, with no spool.
 
-    ``specs`` lists (name, dtype, shape) in file order; :meth:`add` must then be called in that
-    order with tensors of exactly those dtypes and shapes (a ValueError otherwise), and
-    :meth:`finish` checks that every one came.
+    ``specs`` lists (name, dtype, shape) in file order. :meth:`add` takes the tensors in any order
+    and from any number of threads at once (each lands at its own offset, by ``pwrite``), checks
+    that each is exactly the planned dtype and shape (a ValueError otherwise), and :meth:`finish`
+    that every one came.
     """
 
     def __init__(self, target: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
-        self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        self._planned: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         index, offset = {}, 0
-        for name, dtype, shape in self._specs:
+        for name, dtype, shape in specs:
             if dtype not in SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
             end = offset + torch.Size(shape).numel() * dtype.itemsize
             index[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            self._planned[name] = (dtype, tuple(shape), offset)
             offset = end
-        self._next = 0
-        self._file = open(target, "wb")
-        self._file.write(encode_header(index, metadata))
+        header = encode_header(index, metadata)
+        self._data_start = len(header)
+        self._missing = set(self._planned)
+        self._lock = threading.Lock()
+        self._fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pwrite(memoryview(header), 0)
+        os.ftruncate(self._fd, self._data_start + offset)
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < data.nbytes:
+            done += os.pwrite(self._fd, data[done:], offset + done)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self._specs):
+        if name not in self._planned:
             raise ValueError(f"tensor {name!r} is not in the planned index")
-        planned, dtype, shape = self._specs[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (planned, dtype, shape):
-            raise ValueError(f"tensor {name!r} ({dtype_name(tensor.dtype)} {list(tensor.shape)}) arrived where "
-                             f"{planned!r} ({dtype_name(dtype)} {list(shape)}) was planned")
-        self._file.write(tensor_bytes(tensor))
-        self._next += 1
+        dtype, shape, offset = self._planned[name]
+        if (tensor.dtype, tuple(tensor.shape)) != (dtype, shape):
+            raise ValueError(f"tensor {name!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)} where "
+                             f"{dtype_name(dtype)} {list(shape)} was planned")
+        with self._lock:
+            if name not in self._missing:
+                raise ValueError(f"tensor {name!r} written twice")
+            self._missing.discard(name)
+        self._pwrite(tensor_bytes(tensor), self._data_start + offset)
 
     def finish(self) -> None:
-        if self._next != len(self._specs):
-            raise ValueError(f"{len(self._specs) - self._next} planned tensor(s) were never written, "
-                             f"the first {self._specs[self._next][0]!r}")
-        self._file.close()
+        if self._missing:
+            first = next(n for n in self._planned if n in self._missing)
+            raise ValueError(f"{len(self._missing)} planned tensor(s) were never written, the first {first!r}")
+        self.close()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def encode_header(index: dict[str, dict], metadata: dict[str, str] | None) -> bytes:

@@ -120,20 +120,24 @@ class LaggedChecks:
 
 
 class BackgroundWriter:
-    """Runs ``write(name, tensor)`` on one background thread, in order, with tensors moved to the host there.
+    """Runs ``write(name, tensor)`` on background threads, with tensors moved to the host there.
 
-    ``put`` returns at once unless ``max_queued`` items wait (the memory bound). The first error
-    of the thread is raised by the next ``put`` or by :meth:`finish`; after it nothing more is written.
+    One thread (the default) writes in the order of :meth:`put`, as an appending writer needs;
+    ``threads > 1`` suits a writer that places each tensor itself (``PlannedSafetensorsWriter``).
+    ``put`` returns at once unless ``max_queued`` items wait (the memory bound). The first error of
+    a thread is raised by the next ``put`` or by :meth:`finish`; after it nothing more is written.
     """
 
     _DONE = object()
 
-    def __init__(self, write: Callable[[str, torch.Tensor], Any], *, max_queued: int = 8):
+    def __init__(self, write: Callable[[str, torch.Tensor], Any], *, threads: int = 1, max_queued: int = 8):
         self._write = write
         self._queue: queue.Queue = queue.Queue(max_queued)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="deltadct-write", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name="deltadct-write", daemon=True)
+                         for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while True:
@@ -157,14 +161,16 @@ class BackgroundWriter:
         self._queue.put((name, tensor))
 
     def finish(self) -> None:
-        """Wait until everything queued is written; raise the thread's error if there was one."""
+        """Wait until everything queued is written; raise a thread's error if there was one."""
         self.close()
         self._raise()
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        alive = [thread for thread in self._threads if thread.is_alive()]
+        for _ in alive:
             self._queue.put(self._DONE)
-            self._thread.join()
+        for thread in alive:
+            thread.join()
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
