@@ -9,7 +9,9 @@ be held in memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -238,6 +240,25 @@ def _copy_file(src, dst, count: int) -> None:
         shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
+@functools.lru_cache(maxsize=1)
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a just-written range to disk without waiting for it, so the final fsync of a
+    model-sized file finds most of it already written instead of all of it dirty."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; a failure only leaves the work to fsync
+
+
 class PlannedSafetensorsWriter:
     """A ``.safetensors`` file whose tensor index is known before any data: the header is written
     first and each tensor straight to its planned place, so the data is written once, with no spool.
@@ -283,7 +304,9 @@ class PlannedSafetensorsWriter:
             if name not in self._missing:
                 raise ValueError(f"tensor {name!r} written twice")
             self._missing.discard(name)
-        self._pwrite(tensor_bytes(tensor), self._data_start + offset)
+        data = tensor_bytes(tensor)
+        self._pwrite(data, self._data_start + offset)
+        _start_writeback(self._fd, self._data_start + offset, data.nbytes)
 
     def finish(self) -> None:
         if self._missing:

@@ -70,6 +70,20 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=tensor.is_pinned())
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a CUDA tensor through a page-locked buffer (the host allocator reuses those, where
+    a fresh pageable buffer costs a page fault per 4 KiB); CPU tensors as they are. Waits for the
+    copy only, not for work queued after it."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host
+
+
 def delta_of(finetuned: torch.Tensor, base: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``float32(finetuned) − float32(base)`` on ``device``, in two passes (the base is converted on the fly)."""
     return to_device(finetuned, device).to(torch.float32).sub_(to_device(base, device))
@@ -148,7 +162,7 @@ class BackgroundWriter:
                 continue  # drain what is queued so put() never blocks forever
             try:
                 name, tensor = item
-                self._write(name, tensor.detach().to("cpu"))
+                self._write(name, to_host(tensor.detach()))
             except BaseException as err:  # handed to the caller's thread
                 self._error = err
 
