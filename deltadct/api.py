@@ -146,11 +146,10 @@ def _stream_deltas(base: CheckpointReader, finetuned: CheckpointReader, pairs: d
     ``checks``; the error names the input at fault.
     """
     pin = device.type == "cuda"
-
-    def read(name: str):
-        return name, base.get(pairs[name], pin_memory=pin), finetuned.get(name, pin_memory=pin)
-
-    for name, b, f in prefetch(read, names):
+    # base and fine-tuned tensors are separate reads, so the two halves of a layer arrive in parallel
+    reads = [(reader, key) for name in names for reader, key in ((base, pairs[name]), (finetuned, name))]
+    tensors = prefetch(lambda read: read[0].get(read[1], pin_memory=pin), reads)
+    for name, b, f in zip(names, tensors, tensors):
         delta = delta_of(f, b, device)
         checks.add(surely_finite(delta), lambda name=name: _name_nonfinite(base, finetuned, pairs[name], name))
         yield name, b, delta

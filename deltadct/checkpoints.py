@@ -109,9 +109,12 @@ class CheckpointReader:
         """name → (dtype, shape, first byte, end byte) in the file, from its (already validated) header."""
         if file not in self._layouts:
             self._handle(file)  # safetensors' own checks of the header and offsets, once
-            with open(file, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                index = json.loads(fh.read(size))
+            try:
+                with open(file, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    index = json.loads(fh.read(size))
+            except (OSError, ValueError) as err:  # removed or rewritten since it was opened
+                raise CheckpointError(f"{file} is no longer readable ({getattr(err, 'strerror', None) or err})") from None
             start = 8 + size
             self._layouts[file] = {
                 name: (_st_dtype(info["dtype"], name, file), list(info["shape"]),

@@ -27,13 +27,14 @@ import torch
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: read-ahead items (each one base + fine-tuned tensor of one layer)
-PREFETCH_DEPTH = 4
+#: tensors read ahead (four layers' base + fine-tuned pairs)
+PREFETCH_DEPTH = 8
 
 
 def reader_threads() -> int:
-    """Threads reading checkpoints: reads from the page cache are memory copies, which scale with cores."""
-    return max(2, min(4, os.cpu_count() or 2))
+    """Threads reading checkpoints: reads from the page cache are memory copies, which scale with cores
+    (half of them, leaving the rest to the fingerprint, the writer and the caller)."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 def prefetch(fn: Callable[[T], R], items: Iterable[T], *, depth: int = PREFETCH_DEPTH,

@@ -2,13 +2,17 @@
 
 * A sharded pair (HF directory, index + shards) gives byte for byte the file that the same tensors
   in single files give, and the same as the in-memory artifact saved afterwards.
-* A subprocess compresses a 4-shard pair whose total size is several times the memory budget
-  (largest shard + 2 × largest layer over the interpreter's own baseline) and stays under it.
+* A subprocess compresses and applies a 2-shard pair whose total size is several times the memory
+  budget (20 layers over the interpreter's own baseline, less than one shard) and stays under it:
+  tensors are read one by one (``pread``), a bounded number ahead, never a shard at a time.
   Memory is measured as anonymous RSS: pages of the memory-mapped shards are page cache the kernel
-  may drop, and ``ru_maxrss`` counts them too. While a layer is in flight the codec holds about ten
-  fp32 copies of it (base, fine-tuned, delta, patches, DCT rows, codes, the error check's
-  reconstruction), which is why a shard must hold several layers for that budget — as the shards of
-  real checkpoints do (~5 GB shards, ≤ 0.2 GB layers for Llama-2-7B).
+  may drop, and ``ru_maxrss`` counts them too.
+* The streamed file is byte for byte the saved in-memory artifact, for several methods; the applied
+  checkpoint, written in place by several threads, equals the in-memory apply.
+* The base fingerprint is the chunked sha256 written out in this file; files that record the old
+  sequential sha256 (no algorithm field) still verify and apply, and refuse a wrong base.
+* A shard truncated or deleted while compress/apply runs stops the command with one line and
+  leaves no output behind.
 """
 from __future__ import annotations
 
@@ -103,9 +107,9 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("layers_per_shard,side", [(16, 768)])
-def test_streaming_peak_memory_stays_within_one_shard_and_two_layers(tmp_path, layers_per_shard, side):
-    shards = 4
+@pytest.mark.parametrize("layers_per_shard,side", [(32, 768)])
+def test_streaming_peak_memory_is_a_few_layers_whatever_the_shard_size(tmp_path, layers_per_shard, side):
+    shards = 2
     base, ft = _pair(shards * layers_per_shard, (side, side))
     _write_sharded(base, tmp_path / "base", shards)
     _write_sharded(ft, tmp_path / "ft", shards)
@@ -122,10 +126,12 @@ def test_streaming_peak_memory_stays_within_one_shard_and_two_layers(tmp_path, l
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     used = stats["peak_anon"] - stats["baseline"]
-    budget = largest_shard + 2 * largest_layer
-    assert total > 3 * budget  # the pair really is larger than what may be held
+    # what the pipeline may hold: 4 read-ahead pairs (8 layers), 4 base layers awaiting the fingerprint,
+    # and the codec's working copies of the layer in flight (~8); never a shard (shards are not read whole)
+    budget = 20 * largest_layer
+    assert budget < largest_shard and total > 6 * budget  # the pair, even one shard, is larger than may be held
     assert used <= budget, (f"streaming held {used / 2**20:.0f} MiB over baseline; budget "
-                            f"{budget / 2**20:.0f} MiB (largest shard + 2 × largest layer); pair {total / 2**20:.0f} MiB")
+                            f"{budget / 2**20:.0f} MiB (20 layers); pair {total / 2**20:.0f} MiB")
 
 
 # ---------------------------------------------------------------- the streaming pipeline
