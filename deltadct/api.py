@@ -5,29 +5,33 @@
 >>> delta.info()["bits_per_param"]
 >>> deltadct.apply("base/", "ft.delta.safetensors", out="reconstructed/")   # a from_pretrained-able dir
 
-Tensors are streamed: each base/fine-tuned pair is read (memory-mapped), compressed and written before
-the next is touched, so peak memory is about one layer plus the compressed output's index.
+Tensors are streamed (:mod:`deltadct.pipeline`): a few layers are read ahead in worker threads, deltas
+are formed and compressed on the device, results are written and the base is fingerprinted on
+background threads, so peak memory is a few layers plus the compressed output's index.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointReader, check_match, match_keys, open_checkpoint
-from .errors import ConfigError, FingerprintMismatchError, NonFiniteError, ShapeMismatchError
+from .errors import ConfigError, FingerprintMismatchError, FormatError, NonFiniteError, ShapeMismatchError
 from . import __version__
+from .fingerprint import CHUNKED, BaseFingerprint, algorithm_of
 from .format import (FORMAT_NAME, FORMAT_VERSION, VALUE_FIELD, DeltaFile, canonical_json, describe_base,
                      finalize_header, in_memory, load, read_header, tensor_name, verify_checksum)
-from .io import SafetensorsWriter, atomic_path, check_output_path, dtype_from_name, dtype_name, tensor_bytes
+from .io import (PlannedSafetensorsWriter, SafetensorsWriter, atomic_path, check_output_path, dtype_from_name,
+                 dtype_name)
 from .methods import Method, MethodConfig, create_method
+from .pipeline import (BackgroundWriter, LaggedChecks, delta_of, prefetch, reader_threads, relative_error,
+                       rounded_relative_error, surely_finite, to_device)
 from .policy import TensorPolicy
 
 PathLike = str | os.PathLike
@@ -107,6 +111,7 @@ def _header(method: str, codec: Method, policy: TensorPolicy, entries: dict, pla
         "from_base": plan.from_base,
         "key_map": {"finetuned_prefix": match.finetuned_prefix, "base_prefix": match.base_prefix},
         "base_fingerprint": fingerprint,
+        "base_fingerprint_algorithm": CHUNKED,
         "model_config": ft_ckpt.config_json(),
     }
 
@@ -129,84 +134,121 @@ def _fixed_header_bytes(method: str, codec: Method, policy: TensorPolicy, plan: 
 
 
 def _check_finite(tensor: torch.Tensor, name: str, where: Any) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if tensor.is_floating_point() and not bool(surely_finite(tensor)):
         bad = int((~torch.isfinite(tensor)).sum())
         raise NonFiniteError(f"tensor {name!r} in {where} has {bad} NaN/Inf value(s)")
 
 
-def _fingerprint_update(digest, name: str, tensor: torch.Tensor) -> None:
-    digest.update(f"{name}|{dtype_name(tensor.dtype)}|{list(tensor.shape)}\n".encode())
-    digest.update(tensor_bytes(tensor))
+def _reader(checkpoint: PathLike | CheckpointReader) -> CheckpointReader:
+    return checkpoint if isinstance(checkpoint, CheckpointReader) else open_checkpoint(checkpoint)
 
 
-def compress(base: PathLike, finetuned: PathLike, method: str | Method | MethodConfig = "deltadct",
-             out: PathLike | None = None, *, device: str | torch.device = "cpu",
-             policy: TensorPolicy | Mapping[str, Any] | None = None, progress: bool = True, overwrite: bool = False,
-             record_errors: bool = True, **method_config: Any) -> DeltaFile:
+def _input_paths(*checkpoints: PathLike | CheckpointReader) -> tuple[PathLike, ...]:
+    """Where the inputs live, so an output never lands on (or inside, or around) one of them."""
+    return tuple(c.path if isinstance(c, CheckpointReader) else c for c in checkpoints)
+
+
+def _stream_deltas(base: CheckpointReader, finetuned: CheckpointReader, pairs: dict[str, str], names: list[str],
+                   device: torch.device, checks: LaggedChecks) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, base tensor on the host, float32 delta on the device)``, read ahead in worker threads.
+
+    Every delta is checked for NaN/Inf (a non-finite input gives a non-finite delta) through
+    ``checks``; the error names the input at fault.
+    """
+    pin = device.type == "cuda"
+    # base and fine-tuned tensors are separate reads, so the two halves of a layer arrive in parallel
+    reads = [(reader, key) for name in names for reader, key in ((base, pairs[name]), (finetuned, name))]
+    tensors = prefetch(lambda read: read[0].get(read[1], pin_memory=pin), reads)
+    for name, b, f in zip(names, tensors, tensors, strict=True):
+        delta = delta_of(f, b, device)
+        checks.add(surely_finite(delta), lambda name=name: _name_nonfinite(base, finetuned, pairs[name], name))
+        yield name, b, delta
+
+
+def _name_nonfinite(base: CheckpointReader, finetuned: CheckpointReader, bname: str, name: str) -> None:
+    """Raise the NonFiniteError for a non-finite delta: which input holds NaN/Inf, or the overflow."""
+    _check_finite(base.get(bname), bname, base.path)
+    _check_finite(finetuned.get(name), name, finetuned.path)
+    raise NonFiniteError(f"tensor {name!r}: finetuned − base overflows float32 ({finetuned.path} − {base.path})")
+
+
+def compress(base: PathLike | CheckpointReader, finetuned: PathLike | CheckpointReader,
+             method: str | Method | MethodConfig = "deltadct", out: PathLike | None = None, *,
+             device: str | torch.device = "cpu", policy: TensorPolicy | Mapping[str, Any] | None = None,
+             progress: bool = True, overwrite: bool = False, record_errors: bool = True,
+             **method_config: Any) -> DeltaFile:
     """Compress ``finetuned − base`` with a registered method; write it to ``out`` if given.
 
     ``method`` is a registered name (options as keywords), a method's config object
     (``get_method_class("deltadct").Config(patch_size=32)``) or a ready :class:`Method`.
     Everything that can be checked before reading weights is checked first (method name and options,
     policy, output path, key sets and shapes), so a bad call fails fast and writes nothing.
+    ``base``/``finetuned`` may also be open :class:`CheckpointReader` objects (reused across calls).
     """
     codec = create_method(method, method_config or None)
     method = codec.name
     policy = _as_policy(policy)
     dev = resolve_device(device)
     if out is not None:
-        check_output_path(out, overwrite=overwrite, inputs=(base, finetuned))
-    base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
+        check_output_path(out, overwrite=overwrite, inputs=_input_paths(base, finetuned))
+    base_ckpt, ft_ckpt = _reader(base), _reader(finetuned)
     match, plan = plan_tensors(base_ckpt, ft_ckpt, codec, policy)
-
-    def deltas():
-        for name in plan.compressed:
-            b, f = base_ckpt.get(match.pairs[name]), ft_ckpt.get(name)
-            _check_finite(b, match.pairs[name], base_ckpt.path)
-            _check_finite(f, name, ft_ckpt.path)
-            yield name, b, f.to(dev, torch.float32) - b.to(dev, torch.float32)
+    checks = LaggedChecks()
 
     if codec.needs_plan:
-        codec.plan(((name, d) for name, _, d in deltas()),
+        codec.plan(((name, d) for name, _, d in _stream_deltas(base_ckpt, ft_ckpt, match.pairs, plan.compressed,
+                                                               dev, checks)),
                    header_bytes=_fixed_header_bytes(method, codec, policy, plan, match, ft_ckpt, base_ckpt))
+        checks.drain()
 
     spool_dir = None if out is None else (Path(out).parent if str(Path(out).parent) else Path("."))
     writer = SafetensorsWriter(spool_dir)
+    background = BackgroundWriter(writer.add)
     try:
         entries: dict[str, dict] = {}
-        fingerprint = hashlib.sha256()
-        bar = tqdm(deltas(), total=len(plan.compressed), desc=f"compress [{method}]", unit="tensor",
-                   disable=not progress)
-        for name, b, delta in bar:
-            packed = codec.compress(delta, name=name)
-            entry = {"kind": "compressed", "shape": list(delta.shape), "dtype": dtype_name(ft_ckpt.dtype(name)),
-                     "fields": sorted(packed.tensors), "bytes": packed.payload_bytes}
-            if packed.meta:
-                entry["meta"] = packed.meta
-            if record_errors:
-                approx = codec.reconstruct(packed, tuple(delta.shape))
-                norm = float(torch.linalg.vector_norm(delta))
-                err = float(torch.linalg.vector_norm(approx - delta))
-                entry["rel_error"] = round(err / norm, 6) if norm > 0 else (0.0 if err == 0 else 1.0)
-            for field in entry["fields"]:
-                writer.add(tensor_name(name, field), packed.tensors[field])
-            entries[name] = entry
-            _fingerprint_update(fingerprint, match.pairs[name], b)
-        for kind, names in (("kept", plan.kept), ("new", plan.new)):
-            for name in names:
-                value = ft_ckpt.get(name)
+        errors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # read once everything is written
+        with BaseFingerprint() as fingerprint:
+            try:
+                bar = tqdm(_stream_deltas(base_ckpt, ft_ckpt, match.pairs, plan.compressed, dev, checks),
+                           total=len(plan.compressed), desc=f"compress [{method}]", unit="tensor",
+                           disable=not progress)
+                for name, b, delta in bar:
+                    packed = codec.compress(delta, name=name)
+                    entry = {"kind": "compressed", "shape": list(delta.shape),
+                             "dtype": dtype_name(ft_ckpt.dtype(name)), "fields": sorted(packed.tensors),
+                             "bytes": packed.payload_bytes}
+                    if packed.meta:
+                        entry["meta"] = packed.meta
+                    if record_errors:
+                        errors[name] = relative_error(delta, codec.reconstruct(packed, tuple(delta.shape)))
+                    for field in entry["fields"]:
+                        background.put(tensor_name(name, field), packed.tensors[field])
+                    entries[name] = entry
+                    fingerprint.update(match.pairs[name], b)
+            except Exception:
+                checks.drain()  # a NaN in the input is the error to report, not what the codec made of it
+                raise
+            checks.drain()
+            stored = [(kind, name) for kind, names in (("kept", plan.kept), ("new", plan.new)) for name in names]
+            for (kind, name), value in zip(stored, prefetch(ft_ckpt.get, [n for _, n in stored]), strict=True):
                 _check_finite(value, name, ft_ckpt.path)
-                writer.add(tensor_name(name, VALUE_FIELD), value)
+                background.put(tensor_name(name, VALUE_FIELD), value)
                 entries[name] = {"kind": kind, "shape": list(value.shape), "dtype": dtype_name(value.dtype),
                                  "fields": [VALUE_FIELD], "bytes": value.numel() * value.element_size()}
-        header = finalize_header(_header(method, codec, policy, entries, plan, match, fingerprint.hexdigest(),
-                                         ft_ckpt, base_ckpt), writer)
+            background.finish()
+            base_fingerprint = fingerprint.hexdigest()
+        for name, (err, norm) in errors.items():
+            entries[name]["rel_error"] = rounded_relative_error(err, norm)
+        header = finalize_header(_header(method, codec, policy, entries, plan, match, base_fingerprint, ft_ckpt,
+                                         base_ckpt),
+                                 writer)
         if out is None:
             return in_memory(header, writer)
         with atomic_path(out, overwrite=overwrite, inputs=(base, finetuned)) as tmp:
             writer.finish(tmp, {FORMAT_NAME: canonical_json(header)})
         return load(out, verify=False)
     finally:
+        background.close()
         writer.close()
 
 
@@ -220,18 +262,9 @@ def _base_name(header: dict, name: str) -> str:
     return bp + name[len(fp):]
 
 
-def iter_applied(base: PathLike | CheckpointReader, delta: PathLike | DeltaFile, *,
-                 device: str | torch.device = "cpu", progress: bool = False):
-    """Yield ``(fine-tuned name, reconstructed tensor)`` one at a time, then check the base fingerprint.
-
-    Raises :class:`FingerprintMismatchError` (after the last tensor, before the caller commits anything)
-    when the base is not the one the delta was made from. Shapes are checked up front.
-    """
-    dfile = _as_delta(delta)
-    dev = resolve_device(device)
-    ckpt = base if isinstance(base, CheckpointReader) else open_checkpoint(base)
-    header = dfile.header
-    where = dfile.path or "the delta"
+def _check_base_shapes(ckpt: CheckpointReader, dfile: DeltaFile) -> None:
+    """Every base tensor the delta needs exists with the recorded shape (checked before any read)."""
+    header, where = dfile.header, dfile.path or "the delta"
     for name, entry in dfile.entries.items():
         if entry["kind"] == "compressed":
             bname = _base_name(header, name)
@@ -245,26 +278,81 @@ def iter_applied(base: PathLike | CheckpointReader, delta: PathLike | DeltaFile,
     for name in header.get("from_base", []):
         if _base_name(header, name) not in ckpt:
             raise FingerprintMismatchError(f"{ckpt.path} has no tensor {_base_name(header, name)!r}: wrong base")
-    fingerprint = hashlib.sha256()
-    names = list(dfile.entries) + list(header.get("from_base", []))
-    for name in tqdm(names, desc="apply", unit="tensor", disable=not progress):
+
+
+def _output_names(dfile: DeltaFile) -> list[str]:
+    return list(dfile.entries) + list(dfile.header.get("from_base", []))
+
+
+def _output_specs(ckpt: CheckpointReader, dfile: DeltaFile) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor an applied checkpoint holds, in file order."""
+    specs = []
+    for name in _output_names(dfile):
         entry = dfile.entries.get(name)
-        if entry is None:  # left to the base by the policy
-            yield name, ckpt.get(_base_name(header, name))
-        elif entry["kind"] == "compressed":
-            bname = _base_name(header, name)
-            b = ckpt.get(bname)
-            _fingerprint_update(fingerprint, bname, b)
-            approx = dfile.reconstruct(name, dev)
-            yield name, (b.to(dev, torch.float32) + approx).to(dtype_from_name(entry["dtype"])).cpu()
+        if entry is None:
+            bname = _base_name(dfile.header, name)
+            specs.append((name, ckpt.dtype(bname), tuple(ckpt.shape(bname))))
         else:
-            yield name, dfile.value(name)
-    if fingerprint.hexdigest() != header["base_fingerprint"]:
-        raise FingerprintMismatchError(f"{ckpt.path} is not the base {where} was made from "
-                                       "(base fingerprint mismatch)")
+            specs.append((name, dtype_from_name(entry["dtype"]), tuple(entry["shape"])))
+    return specs
 
 
-def apply(base: PathLike, delta: PathLike | DeltaFile, out: PathLike | None = None, *,
+def _applied(ckpt: CheckpointReader, dfile: DeltaFile, device: torch.device, progress: bool
+             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, reconstructed tensor)`` on ``device`` (taken-from-base and kept tensors on the host),
+    base tensors read ahead in worker threads and fingerprinted in the background; the fingerprint
+    is checked after the last tensor."""
+    header = dfile.header
+    where = dfile.path or "the delta"
+    _check_base_shapes(ckpt, dfile)
+    algorithm = algorithm_of(header)
+    names = _output_names(dfile)
+    pin = device.type == "cuda"
+    checks = LaggedChecks()
+
+    def read(name: str):
+        entry = dfile.entries.get(name)
+        if entry is not None and entry["kind"] != "compressed":
+            return None  # stored in the delta file: read where it is used
+        return ckpt.get(_base_name(header, name), pin_memory=pin and entry is not None)
+
+    def undecodable(name: str) -> None:
+        raise FormatError(f"{where}: entry {name!r} does not decode to a finite tensor of shape "
+                          f"{dfile.entries[name]['shape']}")
+
+    with BaseFingerprint(algorithm) as fingerprint:
+        for name, b in tqdm(zip(names, prefetch(read, names), strict=True), total=len(names), desc="apply",
+                            unit="tensor", disable=not progress):
+            entry = dfile.entries.get(name)
+            if entry is None:  # left to the base by the policy
+                yield name, b
+            elif entry["kind"] == "compressed":
+                fingerprint.update(_base_name(header, name), b)
+                approx = dfile.reconstruct(name, device, check_finite=False)
+                checks.add(surely_finite(approx), lambda name=name: undecodable(name))
+                yield name, (approx + to_device(b, device)).to(dtype_from_name(entry["dtype"]))
+            else:
+                yield name, dfile.value(name)
+        checks.drain()
+        if fingerprint.hexdigest() != header["base_fingerprint"]:
+            raise FingerprintMismatchError(f"{ckpt.path} is not the base {where} was made from "
+                                           "(base fingerprint mismatch)")
+
+
+def iter_applied(base: PathLike | CheckpointReader, delta: PathLike | DeltaFile, *,
+                 device: str | torch.device = "cpu", progress: bool = False):
+    """Yield ``(fine-tuned name, reconstructed tensor)`` one at a time, then check the base fingerprint.
+
+    Raises :class:`FingerprintMismatchError` (after the last tensor, before the caller commits anything)
+    when the base is not the one the delta was made from. Shapes are checked up front.
+    """
+    dfile = _as_delta(delta)
+    dev = resolve_device(device)
+    for name, tensor in _applied(_reader(base), dfile, dev, progress):
+        yield name, tensor.cpu()
+
+
+def apply(base: PathLike | CheckpointReader, delta: PathLike | DeltaFile, out: PathLike | None = None, *,
           device: str | torch.device = "cpu", progress: bool = True, overwrite: bool = False
           ) -> dict[str, torch.Tensor] | Path:
     """Reconstruct the fine-tuned weights from ``base`` + ``delta``.
@@ -272,21 +360,35 @@ def apply(base: PathLike, delta: PathLike | DeltaFile, out: PathLike | None = No
     Without ``out`` returns the state dict (fine-tuned tensor names). With ``out`` writes a model
     directory: ``model.safetensors`` plus the base directory's tokenizer/processor files and the
     fine-tuned ``config.json`` recorded in the delta, so ``from_pretrained`` (or the loader used for the
-    base) opens it. The directory appears only once complete and verified.
+    base) opens it. The directory appears only once complete and verified. The file's index is
+    known from the delta's header, so its header is written first and every tensor once, in place.
     """
     dfile = _as_delta(delta)
     if out is None:
         return dict(iter_applied(base, dfile, device=device, progress=progress))
-    inputs = (base, dfile.path)
+    dev = resolve_device(device)
+    inputs = (*_input_paths(base), dfile.path)
     check_output_path(out, overwrite=overwrite, inputs=inputs, is_dir=True)
-    ckpt = open_checkpoint(base)
+    ckpt = _reader(base)
+    _check_base_shapes(ckpt, dfile)
+    where = dfile.path or "the delta"
     with atomic_path(out, is_dir=True, overwrite=overwrite, inputs=inputs) as tmp:
-        writer = SafetensorsWriter(tmp)
-        try:
-            for name, tensor in iter_applied(ckpt, dfile, device=device, progress=progress):
+        writer = PlannedSafetensorsWriter(tmp / "model.safetensors", _output_specs(ckpt, dfile), {"format": "pt"})
+
+        def write(name: str, tensor: torch.Tensor) -> None:
+            try:
                 writer.add(name, tensor)
-            writer.finish(tmp / "model.safetensors", {"format": "pt"})
+            except ValueError as err:  # a stored tensor that is not what the header says
+                raise FormatError(f"{where}: {err}") from None
+
+        background = BackgroundWriter(write, threads=reader_threads())
+        try:
+            for name, tensor in _applied(ckpt, dfile, dev, progress):
+                background.put(name, tensor)
+            background.finish()
+            writer.finish()
         finally:
+            background.close()
             writer.close()
         for file in ckpt.sidecar_files():
             shutil.copy2(file, tmp / file.name)
@@ -319,7 +421,7 @@ def verify(path: PathLike, base: PathLike | None = None) -> dict[str, Any]:
     report = {"path": str(path), "checksum": "ok", "method": header["method"]}
     if base is not None:
         ckpt = open_checkpoint(base)
-        digest = hashlib.sha256()
+        names = []
         for name, entry in header["entries"].items():
             if entry["kind"] != "compressed":
                 continue
@@ -327,9 +429,12 @@ def verify(path: PathLike, base: PathLike | None = None) -> dict[str, Any]:
             if bname not in ckpt or list(ckpt.shape(bname)) != list(entry["shape"]):
                 raise FingerprintMismatchError(f"{base} is not the base {path} was made from "
                                                f"(tensor {bname!r} absent or of another shape)")
-            _fingerprint_update(digest, bname, ckpt.get(bname))
-        if digest.hexdigest() != header["base_fingerprint"]:
-            raise FingerprintMismatchError(f"{base} is not the base {path} was made from (fingerprint mismatch)")
+            names.append(bname)
+        with BaseFingerprint(algorithm_of(header)) as fingerprint:
+            for bname, tensor in zip(names, prefetch(ckpt.get, names), strict=True):
+                fingerprint.update(bname, tensor)
+            if fingerprint.hexdigest() != header["base_fingerprint"]:
+                raise FingerprintMismatchError(f"{base} is not the base {path} was made from (fingerprint mismatch)")
         report["fingerprint"] = "ok"
     return report
 

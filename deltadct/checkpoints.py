@@ -38,6 +38,7 @@ class CheckpointReader:
         self._file_of = files  # tensor name -> file holding it
         self._handles: dict[Path, object] = {}
         self._state: dict[Path, dict[str, torch.Tensor]] = {}
+        self._layouts: dict[Path, dict[str, tuple[torch.dtype, list[int], int, int]]] = {}
 
     # -- discovery -----------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -64,15 +65,65 @@ class CheckpointReader:
     def dtype(self, key: str) -> torch.dtype:
         return self._meta(key)[1]
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """The tensor ``key`` in memory of its own (a torch file's tensors are its memory-mapped values).
+
+        Safetensors tensors are read with ``pread`` into a fresh buffer (page-locked with
+        ``pin_memory``, so a copy to the GPU can run asynchronously), not through a memory map: a
+        shard that is truncated or removed while it is read then raises a :class:`CheckpointError`
+        instead of killing the process with SIGBUS.
+        """
         file = self._file_of[key]
+        if file.suffix in SAFETENSORS_SUFFIXES:
+            return self._read_safetensors(file, key, pin_memory)
         try:
-            if file.suffix in SAFETENSORS_SUFFIXES:
-                return self._handle(file).get_tensor(key)
             return self._torch_state(file)[key]
         # safetensors and torch.load raise types of their own (and arbitrary ones from a damaged pickle)
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {key!r} from {file}: {err}") from None
+
+    def _read_safetensors(self, file: Path, key: str, pin_memory: bool) -> torch.Tensor:
+        dtype, shape, begin, end = self._layout(file)[key]
+        out = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+        if end == begin:
+            return out
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError as err:
+            raise CheckpointError(f"cannot read tensor {key!r}: {file} is no longer readable "
+                                  f"({err.strerror or err})") from None
+        try:
+            done = 0
+            while done < end - begin:  # a pread may return less than asked; 0 means end of file
+                got = os.preadv(fd, [buffer[done:]], begin + done)
+                if got == 0:
+                    raise CheckpointError(f"cannot read tensor {key!r}: {file} ends at byte {begin + done}, "
+                                          f"before the tensor's end at byte {end} (truncated while in use?)")
+                done += got
+        except OSError as err:
+            raise CheckpointError(f"cannot read tensor {key!r} from {file}: {err.strerror or err}") from None
+        finally:
+            os.close(fd)
+        return out
+
+    def _layout(self, file: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+        """name → (dtype, shape, first byte, end byte) in the file, from its (already validated) header."""
+        if file not in self._layouts:
+            self._handle(file)  # safetensors' own checks of the header and offsets, once
+            try:
+                with open(file, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    index = json.loads(fh.read(size))
+            except (OSError, ValueError) as err:  # removed or rewritten since it was opened
+                reason = getattr(err, "strerror", None) or err
+                raise CheckpointError(f"{file} is no longer readable ({reason})") from None
+            start = 8 + size
+            self._layouts[file] = {
+                name: (_st_dtype(info["dtype"], name, file), list(info["shape"]),
+                       start + info["data_offsets"][0], start + info["data_offsets"][1])
+                for name, info in index.items() if name != "__metadata__"}
+        return self._layouts[file]
 
     def items(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys if keys is not None else self.keys():

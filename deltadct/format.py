@@ -28,6 +28,7 @@ import torch
 from .errors import ChecksumError, DeltaDCTError, FormatError
 from .io import SAFETENSORS_DTYPES, SafetensorsWriter, atomic_path, check_output_path, dtype_name, refuse_json_constant
 from .methods import Compressed, Method, get_method_class
+from .pipeline import surely_finite
 
 FORMAT_NAME = "deltadct"
 FORMAT_VERSION = 1
@@ -107,8 +108,12 @@ class DeltaFile:
     def compressed(self, name: str, device: torch.device | str = "cpu") -> Compressed:
         return Compressed(self.fields(name, device), dict(self._entry(name).get("meta", {})))
 
-    def reconstruct(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The reconstructed float32 delta of a compressed entry."""
+    def reconstruct(self, name: str, device: torch.device | str = "cpu", *, check_finite: bool = True) -> torch.Tensor:
+        """The reconstructed float32 delta of a compressed entry.
+
+        ``check_finite=False`` leaves the NaN/Inf check to the caller (a streaming caller checks
+        later, so the host need not wait for the device on every tensor).
+        """
         entry = self._entry(name)
         if entry["kind"] != "compressed":
             raise FormatError(f"{name!r} is a {entry['kind']} tensor, not a compressed delta")
@@ -121,7 +126,7 @@ class DeltaFile:
             raise FormatError(f"{self._where()}: entry {name!r} cannot be decoded with its recorded method and "
                               f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                               ) from None
-        if tuple(out.shape) != tuple(entry["shape"]) or not torch.isfinite(out).all():
+        if tuple(out.shape) != tuple(entry["shape"]) or (check_finite and not bool(surely_finite(out))):
             raise FormatError(f"{self._where()}: entry {name!r} does not decode to a finite tensor of shape "
                               f"{entry['shape']}")
         return out

@@ -76,6 +76,8 @@ class GraphCache:
             fn(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the streaming pipeline's reader and writer threads keep allocating page-locked
+        # buffers and copying meanwhile; in the default global mode any such call invalidates the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_outputs = fn(*static_inputs)
         return graph, static_inputs, static_outputs

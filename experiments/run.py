@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import functools
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import deltadct
+from deltadct.checkpoints import open_checkpoint
 from deltadct.errors import CheckpointError, DeltaDCTError
 from deltadct.profiling import PeakMemory, peak_rss_bytes
 from experiments.config import CONF_DIR, VOLATILE_KEYS, RunSpec, register_configs, validate
@@ -94,6 +96,32 @@ def load_pair(cfg: DictConfig) -> tuple[Path, dict[str, TaskSource]]:
             raise DeltaDCTError(f"tasks {unknown} are not tasks of model {model.name!r}: {sorted(tasks)}")
         tasks = {name: tasks[name] for name in cfg.tasks}
     return base, tasks
+
+
+class SweepCache:
+    """What consecutive jobs over one model pair share, loaded once per process.
+
+    Hydra's basic launcher runs every job of a multirun in one process, one after another, so a
+    10-config sweep over a 7B pair would otherwise resolve the pair, open both checkpoints and load
+    each task's reference model ten times. Entries belong to one pair (``pair_key``); a job on
+    another pair drops them first, so at most one pair is held.
+    """
+
+    def __init__(self) -> None:
+        self._pair_key: str | None = None
+        self._items: dict[Any, Any] = {}
+
+    def get(self, pair_key: str, item: Any, load: Any) -> Any:
+        """``load()`` the first time ``item`` is asked for under ``pair_key``; the same object afterwards."""
+        if pair_key != self._pair_key:
+            self._items.clear()
+            self._pair_key = pair_key
+        if item not in self._items:
+            self._items[item] = load()
+        return self._items[item]
+
+
+SHARED = SweepCache()
 
 
 # --------------------------------------------------------------------------- measurements
@@ -196,7 +224,9 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     store = ResultStore(store_path)
     store.check_writable()  # before any computation: a result that cannot be stored is lost
 
-    base, tasks = load_pair(cfg)
+    pair_key = json.dumps([config["model"], config["zoo"], config["tasks"], config["device"]], sort_keys=True,
+                          default=str)
+    base, tasks = SHARED.get(pair_key, "pair", lambda: load_pair(cfg))
     done = set() if cfg.force else store.keys()
     todo = [t for t in tasks if record_key(method_id, t) not in done]
     ref_todo = [t for t in tasks if cfg.reference and record_key(reference_id, t, reference=True) not in done]
@@ -219,9 +249,10 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
         for task in dict.fromkeys(todo + ref_todo):
             source = tasks[task]
             timer = Timer()
-            with timer("load_reference"):
-                reference = adapter.load(source.path, device=cfg.device)
-                ctx = EvalContext(task=task, data=source.data, processor=adapter.load_processor(source.path),
+            with timer("load_reference"):  # ~0 for every job of a sweep after the first
+                reference, processor = SHARED.get(pair_key, ("reference", cfg.model.adapter, task), lambda: (
+                    adapter.load(source.path, device=cfg.device), adapter.load_processor(source.path)))
+                ctx = EvalContext(task=task, data=source.data, processor=processor,
                                   adapter=adapter, reference=reference, device=cfg.device)
             if task in ref_todo:
                 metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
@@ -238,12 +269,14 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                 continue
             timer = Timer()
             delta_path = run_dir / f"delta_{task}.safetensors"
+            base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
+            ft_reader = SHARED.get(pair_key, ("checkpoint", str(source.path)), lambda: open_checkpoint(source.path))
             with timer("compress"), PeakMemory(cfg.device) as memory:
-                deltadct.compress(base, source.path, spec.method_config, out=delta_path, device=cfg.device,
+                deltadct.compress(base_reader, ft_reader, spec.method_config, out=delta_path, device=cfg.device,
                                   policy=spec.policy, progress=cfg.progress, overwrite=True)
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
-                state = deltadct.apply(base, delta_path, device=cfg.device, progress=cfg.progress)
+                state = deltadct.apply(base_reader, delta_path, device=cfg.device, progress=cfg.progress)
             with timer("load_model"):
                 model = adapter.load_with_state_dict(source.path, state, device=cfg.device)
             del state

@@ -215,3 +215,39 @@ def test_killed_sweep_resumes_and_each_config_is_recorded_once(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and err.count("skipped") == 4 and len(store.records()) == 4
     assert not list(tmp_path.rglob("wandb"))
+
+
+def test_a_two_job_sweep_loads_the_pair_once_and_times_each_job(tmp_path, monkeypatch):
+    """Hydra's basic launcher runs both jobs in this process: the pair is resolved, its checkpoints
+    opened and the reference model loaded once, and each record still carries its own timings."""
+    import experiments.run as runner
+    from deltadct.adapters import get_adapter
+
+    calls = {"pair": 0, "checkpoint": 0, "model": 0}
+
+    def counted(kind, function):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    adapter_cls = type(get_adapter(_compose(FAST).model.adapter))
+    monkeypatch.setattr(runner, "SHARED", runner.SweepCache())  # nothing from earlier tests in this process
+    monkeypatch.setattr(runner, "load_pair", counted("pair", runner.load_pair))
+    monkeypatch.setattr(runner, "open_checkpoint", counted("checkpoint", runner.open_checkpoint))
+    monkeypatch.setattr(deltadct.api, "open_checkpoint", counted("checkpoint", deltadct.api.open_checkpoint))
+    monkeypatch.setattr(adapter_cls, "load", counted("model", adapter_cls.load))
+    store_path = tmp_path / "records.jsonl"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["deltadct-run", "-m", *FAST, "method=bitdelta,deltadct", "logger=none",
+                                      f"store.path={store_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+        runner.main()
+    records = [r for r in ResultStore(store_path).records() if r["method"] != REFERENCE_METHOD]
+    assert sorted(r["method"] for r in records) == ["bitdelta", "deltadct"]
+    # one base + one fine-tuned checkpoint opened, one reference model: not one of each per job
+    assert calls == {"pair": 1, "checkpoint": 2, "model": 1}
+    for record in records:
+        assert record["timings"]["compress"] > 0 and record["timings"]["apply"] > 0
+    assert records[0]["bits_per_param"] != records[1]["bits_per_param"]
