@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import deltadct
 from deltadct.errors import CheckpointError, DeltaDCTError
+from experiments.budget import finish_record, match_budget
 from experiments.config import VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
 from experiments.store import REFERENCE_METHOD, ResultStore, config_hash
@@ -200,6 +201,8 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "tasks"}
     out["zoo"] = {k: v for k, v in out["zoo"].items() if k != "cache_dir"}
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
+    if out.get("budget", {}).get("bits") is None:
+        out.pop("budget", None)  # runs without a target keep the keys they had before matched bits existed
     if out["model"].get("zoo") is None:
         out.pop("zoo")
     else:
@@ -240,6 +243,12 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     from deltadct.adapters import get_adapter
     from eval import EvalContext
 
+    # matched bits: every task's knob is searched before anything is recorded, so an unreachable
+    # target leaves the store as it was
+    configs = {task: (spec.method_config, None) for task in todo}
+    if cfg.budget.bits is not None:
+        configs = {task: match_task_budget(cfg, spec, base, tasks[task].path) for task in todo}
+
     adapter = get_adapter(cfg.model.adapter)
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,11 +279,12 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             if task not in todo:
                 continue
             timer = Timer()
+            method_config, budget = configs[task]
             delta_path = run_dir / f"delta_{task}.safetensors"
             with timer("compress"), PeakMemory() as memory:
                 deltadct.compress(base, source.path, spec.method_name, out=delta_path, device=cfg.device,
                                   policy=spec.policy, progress=cfg.progress, overwrite=True,
-                                  **spec.method_config.to_dict())
+                                  **method_config.to_dict())
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
                 state = deltadct.apply(base, delta_path, device=cfg.device, progress=cfg.progress)
@@ -285,12 +295,13 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             del model
             key_name, score = headline(spec, metrics)
             record = {**common, "key": record_key(method_id, task), "config_hash": method_id, "task": task,
-                      "method": spec.method_name, "method_options": spec.method_config.to_dict(),
+                      "method": spec.method_name, "method_options": method_config.to_dict(),
                       "score": score, "score_key": key_name, "metrics": metrics,
                       "bits_per_param": info["bits_per_param"], "total_bits_per_param": info["total_bits_per_param"],
                       "file_bytes": info["file_bytes"], "num_params": info["num_params"],
                       "num_compressed": info["num_compressed"], "layers": info["layers"],
                       "zoo_scores": source.zoo_scores,
+                      **({} if budget is None else {"budget": finish_record(budget, info["bits_per_param"])}),
                       "timings": dict(timer.seconds),
                       "memory": {"compress_peak_rss_mb": memory.peak_rss_mb, "max_rss_mb": max_rss_mb(),
                                  "cuda_max_allocated_mb": memory.cuda_max_allocated_mb},
@@ -306,6 +317,19 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     finally:
         logger.finish()
     return written
+
+
+def match_task_budget(cfg: DictConfig, spec: RunSpec, base: Path, finetuned: Path) -> tuple[Any, dict[str, Any]]:
+    """The method config whose file for this task measures ``budget.bits`` (experiments/budget.py)."""
+    def measure(options: dict[str, Any]) -> float:
+        return deltadct.compress(base, finetuned, spec.method_name, out=None, device=cfg.device, policy=spec.policy,
+                                 progress=False, **options).info()["bits_per_param"]
+
+    config, record = match_budget(spec.method_name, spec.method_config, cfg.budget, measure)
+    if record["knob"] is not None:
+        print(f"deltadct-run: {finetuned.name}: {spec.method_name} at {record['knob']}={record['knob_value']:.6g} "
+              f"for budget.bits={record['target']:g} ({record['trials']} trials)", file=sys.stderr)
+    return config, record
 
 
 # --------------------------------------------------------------------------- entry point

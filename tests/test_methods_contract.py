@@ -176,8 +176,8 @@ EXPECTED_PAYLOAD_BITS = {
     "delta_come": (1 * 12352 + 4 * 4672 + 157 * 3136) / NUMEL,
     # round(0.1·N) = 52429 fp16 values + a 1-bit mask
     "magnitude": 1 + 16 * 52429 / NUMEL,
-    # 2-bit codes + fp16 (min, max) per 128 entries
-    "rtn": 2 + 32 / 128,
+    # 2-bit codes + an fp16 scale fraction and a 2-bit zero point per 128 entries + the fp32 largest scale
+    "rtn": 2 + 18 / 128 + 32 / NUMEL,
     "none": 32.0,
     "zero": 0.0,
 }
