@@ -7,7 +7,9 @@
 (a step-wise knob such as a rank). Trial files are compressed in memory (``out=None`` gives the
 exact size the written file will have). A method with one size (BitDelta, ``none``, ``zero``) is
 run as it is and its record says whether that size happens to hit the target. A target outside
-what the knob can reach is a :class:`ConfigError` naming the method and the reachable range.
+what the knob can reach is a :class:`ConfigError` naming the method and the reachable range, or,
+with ``budget.unreachable=closest`` (the sweep presets, where one method out of reach must not stop
+the others), a run at the nearest end of the knob, recorded as a miss.
 
 :func:`search_knob` is the search alone, on any ``measure(value) -> bits`` function.
 """
@@ -34,11 +36,16 @@ def hits(bits: float, target: float, tolerance: float) -> bool:
     return abs(bits - target) <= tolerance * target
 
 
+UNREACHABLE = ("error", "closest")
+
+
 def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float, *,
-                tolerance: float = 0.01, max_trials: int = 24, method: str = "method") -> KnobMatch:
+                tolerance: float = 0.01, max_trials: int = 24, method: str = "method",
+                unreachable: str = "error") -> KnobMatch:
     """The knob value whose measured bits/param is within ``tolerance`` (relative) of ``target``.
 
-    Measures both ends of the knob's range first (a target outside them raises :class:`ConfigError`),
+    Measures both ends of the knob's range first (a target outside them raises :class:`ConfigError`,
+    or with ``unreachable="closest"`` returns the nearer end),
     then narrows the bracket by secant steps on the measured sizes, falling back to bisection when
     a step lands near a bracket end (step-wise sizes). Stops at the first hit, when the bracket
     closes (integer knobs: neighbours; others: 10⁻⁴ of the range, where a step-wise size such as a
@@ -55,6 +62,9 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
     ends = {knob.low: trial(knob.low), knob.high: trial(knob.high)}
     smallest, largest = min(ends.values()), max(ends.values())
     if not smallest * (1 - tolerance) <= target <= largest * (1 + tolerance):
+        if unreachable == "closest":
+            value = min(ends, key=lambda v: abs(ends[v] - target))
+            return KnobMatch(value, ends[value], tuple(seen.items()))
         raise ConfigError(
             f"method {method!r} cannot reach budget.bits={target:g}: its files measure {smallest:.4g} to "
             f"{largest:.4g} bits/param on this model ({knob.name} from {knob.low:g} to {knob.high:g}); "
@@ -93,7 +103,8 @@ def match_budget(method_name: str, method_config: MethodConfig, budget: Any,
     """The config a matched-bits run compresses with, and what the record says about the search.
 
     ``measure_options(options)`` compresses with those method options (in memory) and returns
-    ``bits_per_param``; ``budget`` is the runner's ``budget`` section (bits, tolerance, max_trials).
+    ``bits_per_param``; ``budget`` is the runner's ``budget`` section (bits, tolerance, max_trials,
+    unreachable).
     The record part gets ``bits`` and ``hit`` from the written file later (:func:`finish_record`).
     """
     method = get_method_class(method_name)(method_config)
@@ -104,7 +115,8 @@ def match_budget(method_name: str, method_config: MethodConfig, budget: Any,
         return method_config, record
     base_options = method_config.to_dict()
     match = search_knob(lambda v: measure_options({**base_options, **knob.options(v)}), knob, float(budget.bits),
-                        tolerance=float(budget.tolerance), max_trials=int(budget.max_trials), method=method_name)
+                        tolerance=float(budget.tolerance), max_trials=int(budget.max_trials), method=method_name,
+                        unreachable=budget.unreachable)
     chosen = knob.options(match.value)
     config = type(method_config).from_dict({**base_options, **chosen})
     record.update(knob=knob.name, knob_value=match.value, trials=len(match.trials),

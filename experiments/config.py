@@ -28,6 +28,7 @@ from deltadct.api import resolve_device
 from deltadct.errors import ConfigError
 from deltadct.methods import MethodConfig, get_method_class
 from deltadct.policy import TensorPolicy
+from experiments.budget import UNREACHABLE
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -102,6 +103,9 @@ class BudgetConf:
     tolerance: float = 0.01
     #: most trial compressions (in memory) per task
     max_trials: int = 24
+    #: a target the method cannot reach: "error" (one line, nothing recorded), or "closest" (run at the
+    #: knob's nearest end and record the miss; for sweeps, so one method out of reach stops no other)
+    unreachable: str = "error"
 
 
 @dataclass
@@ -184,6 +188,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"budget.bits {budget.bits!r} must be in (0, 64] bits/param, or null for no target")
     if not 0 < budget.tolerance < 1:
         raise ConfigError(f"budget.tolerance {budget.tolerance!r} must be in (0, 1) (relative, 0.01 = 1 %)")
+    if budget.unreachable not in UNREACHABLE:
+        raise ConfigError(f"budget.unreachable {budget.unreachable!r} is not one of {list(UNREACHABLE)}")
     if budget.max_trials < 2:
         raise ConfigError(f"budget.max_trials {budget.max_trials!r} must be at least 2 (both ends of a knob)")
     model = cfg.model

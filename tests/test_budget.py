@@ -16,10 +16,12 @@ from deltadct.methods import create_method, list_methods
 from deltadct.methods.base import SizeKnob
 from deltadct.methods.deltadct import ratios_for_bits
 from experiments.budget import search_knob
+from experiments.config import register_configs
 from experiments.store import ResultStore
 from experiments.tables import build_table, select
 
 REPO = Path(__file__).resolve().parent.parent
+register_configs()
 #: the fast ViT zoo, one task, the first block's matrices only (a trial compression is then ~0.1 s)
 FAST = ["model=zoo_vit", "zoo.mode=fast", "tasks=[parity]", "eval.vision.max_samples=32",
         "eval.reconstruction.num_inputs=2", "reference=false", "+model.policy.include=[blocks.0.*]"]
@@ -182,7 +184,7 @@ def test_budget_section_is_validated_before_loading(tmp_path):
     from experiments.config import validate
 
     for override, word in (("budget.bits=-1", "budget.bits"), ("budget.tolerance=0", "budget.tolerance"),
-                           ("budget.max_trials=1", "budget.max_trials")):
+                           ("budget.max_trials=1", "budget.max_trials"), ("budget.unreachable=skip", "budget.unreachable")):
         with pytest.raises(ConfigError, match=word):
             validate(_compose([*FAST, "method=lowrank", override]))
 
@@ -197,3 +199,27 @@ def test_runs_without_a_target_keep_their_store_keys():
     config["budget"]["bits"] = 1.0
     assert identity(config)["budget"]["bits"] == 1.0
     assert json.dumps(identity(config), sort_keys=True)  # hashable as the store hashes it
+
+
+def test_closest_runs_an_unreachable_target_at_the_nearest_size_and_records_the_miss():
+    ladder = [1.27, 1.5, 2.14]
+    knob = SizeKnob("setting", 0, 2, lambda i: {}, integer=True)
+    assert search_knob(lambda i: ladder[int(i)], knob, 1.0, unreachable="closest").bits == 1.27
+    assert search_knob(lambda i: ladder[int(i)], knob, 9.0, unreachable="closest").bits == 2.14
+
+
+PAPER_PRESETS = ("vision_vit_b32", "vision_vit_l14", "glue_roberta_base", "glue_t5_base", "llm_math", "llm_code",
+                 "llm_chat", "beit3_tasks")
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_every_paper_preset_has_a_matched_bits_variant(preset):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+        plain = compose("config", overrides=[f"experiment={preset}"])
+        matched = compose("config", overrides=[f"experiment={preset}_matched"], return_hydra_config=True)
+    assert matched.experiment == f"{preset}_matched" and matched.model == plain.model
+    assert matched.hydra.sweeper.params["budget.bits"] == "0.5,1.0,2.0"
+    assert matched.hydra.sweeper.params["method"] == "glob(*)" and matched.budget.unreachable == "closest"
