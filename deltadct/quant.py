@@ -207,3 +207,67 @@ def _decode_log(codes: torch.Tensor, log_range: torch.Tensor, bits: int) -> tupl
 def decode_range_log(fields: dict[str, torch.Tensor], count: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     codes = unpack_bits(fields["range_codes"], bits, count * 2).reshape(count, 2)
     return _decode_log(codes, fields["log_range"].float(), bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# asymmetric (zero-point) round-to-nearest in groups along rows: the GPTQ family's quantiser
+# ---------------------------------------------------------------------------------------------
+def row_groups(matrix: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(m, n) → (m, G, group_size), G = ⌈n / group_size⌉, each row right-padded with its last entry.
+
+    Repeating a real entry leaves every group's min and max unchanged, so the padding never moves a
+    group's grid; callers crop it away (``[..., :n]``) after working on whole groups.
+    """
+    m, n = matrix.shape
+    pad = (-n) % group_size
+    if pad:
+        matrix = torch.cat([matrix, matrix[:, -1:].expand(m, pad)], dim=1)
+    return matrix.reshape(m, -1, group_size)
+
+
+def _zero_inclusive_range(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)
+
+
+def asymmetric_scale(values: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Each group's step (hi − lo) / (2^b − 1) over its range widened to hold 0, as (m, G) float32.
+
+    An all-zero group gets step 1: every entry then sits on its zero point, exactly, whatever the step
+    (GPTQ's ``Quantizer`` uses the range [−1, 1] there, which is the same up to that step).
+    """
+    lo, hi = _zero_inclusive_range(row_groups(values.float(), group_size))
+    span = hi - lo
+    return torch.where(span > 0, span / ((1 << bits) - 1), torch.ones_like(span))
+
+
+def quantize_asymmetric(values: torch.Tensor, bits: int, group_size: int, scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-point uniform quantisation of each group of ``group_size`` consecutive entries of a row.
+
+    For a group x with lo = min(min x, 0) and hi = max(max x, 0): scale = (hi − lo) / (2^b − 1),
+    zero = clamp(round(−lo / scale), 0, 2^b − 1) and q = clamp(round(x / scale) + zero, 0, 2^b − 1),
+    so that x̂ = scale·(q − zero) has 0 exactly on its grid (the GPTQ family's asymmetric quantiser).
+    ``scale`` (m, G), when given, is the step the decoder will read back (e.g. after rounding it to
+    its storage precision); zero points and codes are computed on that grid. Default:
+    :func:`asymmetric_scale` in float32.
+
+    ``values`` is (m, n); the last group of a row may be shorter. Returns uint8 codes (m, n), the
+    float32 scales (m, G) and uint8 zero points (m, G).
+    """
+    m, n = values.shape
+    top = (1 << bits) - 1
+    groups = row_groups(values.float(), group_size)
+    step = (asymmetric_scale(values, bits, group_size) if scale is None else scale).float()
+    lo, _ = _zero_inclusive_range(groups)
+    zero = torch.round(-lo / step).clamp_(0, top)
+    codes = (torch.round(groups / step.unsqueeze(2)) + zero.unsqueeze(2)).clamp_(0, top)
+    return codes.reshape(m, -1)[:, :n].to(torch.uint8), step, zero.to(torch.uint8)
+
+
+def dequantize_asymmetric(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_asymmetric`: scale·(q − zero) per group, float32 of ``codes``' shape."""
+    m, n = codes.shape
+    groups = row_groups(codes, group_size).float()
+    out = scale.float().unsqueeze(2) * (groups - zero.float().unsqueeze(2))
+    return out.reshape(m, -1)[:, :n]

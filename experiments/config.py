@@ -14,6 +14,7 @@ Layout of a composed config (``deltadct-run --cfg job`` prints it)::
     zoo:        mode / seed / cache dir of the offline zoo (used by pairs with ``model.zoo`` set)
     paths:      data, checkpoint, cache, output dirs and the store (conf/paths/); other keys refer to them
     store:      where result records go (``${paths.store}``)
+    budget:     matched-bits target (``budget.bits``; null = each method at its own options)
     experiment: tag stored with every record; tables filter on it (conf/experiment/ presets set it)
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from deltadct.api import resolve_device
 from deltadct.errors import ConfigError
 from deltadct.methods import MethodConfig, get_method_class, list_methods
 from deltadct.policy import TensorPolicy
+from experiments.budget import UNREACHABLE
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -111,6 +113,21 @@ class StoreConf:
 
 
 @dataclass
+class BudgetConf:
+    """Matched-bits mode (experiments/budget.py): every method searches its size knob for this target."""
+
+    #: bits/param the written file must measure (header and side information included); null: off
+    bits: Optional[float] = None
+    #: relative tolerance of a hit (0.01 = ±1 %)
+    tolerance: float = 0.01
+    #: most trial compressions (in memory) per task
+    max_trials: int = 24
+    #: a target the method cannot reach: "error" (one line, nothing recorded), or "closest" (run at the
+    #: knob's nearest end and record the miss; for sweeps, so one method out of reach stops no other)
+    unreachable: str = "error"
+
+
+@dataclass
 class RunConf:
     model: ModelConf = MISSING
     method: Dict[str, Any] = MISSING
@@ -119,6 +136,7 @@ class RunConf:
     zoo: ZooConf = field(default_factory=ZooConf)
     store: StoreConf = field(default_factory=StoreConf)
     paths: PathsConf = field(default_factory=PathsConf)
+    budget: BudgetConf = field(default_factory=BudgetConf)
     #: tag stored in every record (tables filter on it); presets in conf/experiment/ set it
     experiment: str = "adhoc"
     #: run only these tasks of the pair; null: all
@@ -206,6 +224,15 @@ def validate(cfg: DictConfig) -> RunSpec:
     if cfg.zoo.mode not in ZOO_MODES:
         raise ConfigError(f"zoo.mode {cfg.zoo.mode!r} is not one of {list(ZOO_MODES)}")
     resolve_device(cfg.device)
+    budget = cfg.budget
+    if budget.bits is not None and not 0 < budget.bits <= 64:
+        raise ConfigError(f"budget.bits {budget.bits!r} must be in (0, 64] bits/param, or null for no target")
+    if not 0 < budget.tolerance < 1:
+        raise ConfigError(f"budget.tolerance {budget.tolerance!r} must be in (0, 1) (relative, 0.01 = 1 %)")
+    if budget.unreachable not in UNREACHABLE:
+        raise ConfigError(f"budget.unreachable {budget.unreachable!r} is not one of {list(UNREACHABLE)}")
+    if budget.max_trials < 2:
+        raise ConfigError(f"budget.max_trials {budget.max_trials!r} must be at least 2 (both ends of a knob)")
     model = cfg.model
     if model.zoo is None and (model.base is None or not model.tasks):
         raise ConfigError(f"model {model.name!r}: set either model.zoo or both model.base and model.tasks")

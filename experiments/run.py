@@ -35,9 +35,10 @@ import deltadct
 from deltadct.checkpoints import open_checkpoint
 from deltadct.errors import CheckpointError, DeltaDCTError
 from deltadct.profiling import PeakMemory, peak_rss_bytes
+from experiments.budget import finish_record, match_budget
 from experiments.config import CONF_DIR, VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
-from experiments.records import Record
+from experiments.records import ABSENT, Record
 from experiments.store import REFERENCE_METHOD, ResultStore, config_hash
 
 VERSIONED_PACKAGES = ("deltadct", "torch", "transformers", "timm", "hydra-core", "numpy", "safetensors")
@@ -195,6 +196,8 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "tasks"}
     out["zoo"] = {k: v for k, v in out["zoo"].items() if k != "cache_dir"}
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
+    if out.get("budget", {}).get("bits") is None:
+        out.pop("budget", None)  # runs without a target keep the keys they had before matched bits existed
     if out["model"].get("zoo") is None:
         out.pop("zoo")
     else:
@@ -238,6 +241,12 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     from deltadct.adapters import create_adapter
     from eval import EvalContext
 
+    # matched bits: every task's knob is searched before anything is recorded, so an unreachable
+    # target leaves the store as it was
+    configs = {task: (spec.method_config, None) for task in todo}
+    if cfg.budget.bits is not None:
+        configs = {task: match_task_budget(cfg, spec, pair_key, base, tasks[task].path) for task in todo}
+
     adapter = create_adapter(cfg.model.adapter)
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,11 +277,12 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             if task not in todo:
                 continue
             timer = Timer()
+            method_config, budget = configs[task]
             delta_path = run_dir / f"delta_{task}.safetensors"
             base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
             ft_reader = SHARED.get(pair_key, ("checkpoint", str(source.path)), lambda: open_checkpoint(source.path))
             with timer("compress"), PeakMemory(cfg.device) as memory:
-                deltadct.compress(base_reader, ft_reader, spec.method_config, out=delta_path, device=cfg.device,
+                deltadct.compress(base_reader, ft_reader, method_config, out=delta_path, device=cfg.device,
                                   policy=spec.policy, progress=cfg.progress, overwrite=True)
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
@@ -284,12 +294,13 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             del model
             key_name, score = headline(spec, metrics)
             record = Record(**common, key=record_key(method_id, task), config_hash=method_id, task=task,
-                            method=spec.method_name, method_options=spec.method_config.to_dict(),
+                            method=spec.method_name, method_options=method_config.to_dict(),
                             score=score, score_key=key_name, metrics=metrics,
                             bits_per_param=info["bits_per_param"], total_bits_per_param=info["total_bits_per_param"],
                             file_bytes=info["file_bytes"], num_params=info["num_params"],
                             num_compressed=info["num_compressed"], layers=info["layers"],
                             zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
+                            budget=ABSENT if budget is None else finish_record(budget, info["bits_per_param"]),
                             memory={"compress_peak_rss_mb": _mib(memory.peak_rss_bytes),
                                     "max_rss_mb": _mib(peak_rss_bytes()),
                                     "cuda_max_allocated_mb": _mib(memory.cuda_peak_bytes)},
@@ -305,6 +316,23 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     finally:
         logger.finish()
     return written
+
+
+def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path,
+                      finetuned: Path) -> tuple[Any, dict[str, Any]]:
+    """The method config whose file for this task measures ``budget.bits`` (experiments/budget.py)."""
+    base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
+    ft_reader = SHARED.get(pair_key, ("checkpoint", str(finetuned)), lambda: open_checkpoint(finetuned))
+
+    def measure(options: dict[str, Any]) -> float:
+        return deltadct.compress(base_reader, ft_reader, spec.method_name, out=None, device=cfg.device,
+                                 policy=spec.policy, progress=False, **options).info()["bits_per_param"]
+
+    config, record = match_budget(spec.method_name, spec.method_config, cfg.budget, measure)
+    if record["knob"] is not None:
+        print(f"deltadct-run: {finetuned.name}: {spec.method_name} at {record['knob']}={record['knob_value']:.6g} "
+              f"for budget.bits={record['target']:g} ({record['trials']} trials)", file=sys.stderr)
+    return config, record
 
 
 # --------------------------------------------------------------------------- entry point

@@ -6,7 +6,9 @@
 Rows are methods (plus a variant label naming the options that differ between that method's
 records, e.g. ``deltadct (patch_size=8)``); columns are tasks, then their average and the measured
 bits/param (mean over tasks, from the written files). The uncompressed fine-tuned model comes first
-when it was evaluated. A config recorded twice (``force=true``) counts once, its latest record.
+when it was evaluated. Matched-bits records (``budget.bits``) form one row per method and target
+(``bits_target=1``), whatever knob setting each task needed; a row with a task that missed the
+target by more than its tolerance is marked †. A config recorded twice (``force=true``) counts once, its latest record.
 Plots: average score against every method option that varies (e.g. patch size, share of 2-bit
 patches) and against measured bits/param for every row.
 """
@@ -38,12 +40,15 @@ class Row:
     #: task -> scores of this row's configs on that task (one per distinct config, e.g. per seed)
     scores: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     bits: list[float] = field(default_factory=list)
+    #: a matched-bits record of this row missed its target
+    missed: bool = False
 
     @property
     def label(self) -> str:
+        mark = " †" if self.missed else ""
         if not self.variant:
-            return self.method
-        return f"{self.method} ({', '.join(f'{k}={_fmt_value(v)}' for k, v in self.variant.items())})"
+            return self.method + mark
+        return f"{self.method} ({', '.join(f'{k}={_fmt_value(v)}' for k, v in self.variant.items())}){mark}"
 
     def score(self, task: str) -> float | None:
         values = self.scores.get(task)
@@ -79,6 +84,9 @@ class Table:
         lines = [f"**{self.title}** ({self.metric})", "", "| " + " | ".join(self.header()) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(self.header()) - 1)) + "|"]
         lines += ["| " + " | ".join(show(v) for v in cells) + " |" for cells in self.cells()]
+        if any(row.missed for row in self.rows):
+            lines += ["", "† missed its bits/param target by more than the tolerance (a method of one size, or "
+                      "the closest its knob gets)"]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -112,6 +120,16 @@ def select(records: Iterable[dict], *, experiment: str | None = None, family: st
     return list(latest.values())
 
 
+def row_options(record: dict) -> dict[str, Any]:
+    """The options that name a record's row: a matched-bits record is named by its target instead of
+    the knob setting the search chose for its task (which differs from task to task)."""
+    budget = record.get("budget")
+    if not budget:
+        return record["method_options"]
+    chosen = budget.get("knob_options") or {}
+    return {**{k: v for k, v in record["method_options"].items() if k not in chosen}, "bits_target": budget["target"]}
+
+
 def metric_of(record: dict, metric: str) -> float | None:
     value = record.get("score") if metric == "score" else record["metrics"].get(metric)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
@@ -127,13 +145,15 @@ def build_table(records: Sequence[dict], *, metric: str = "score", title: str | 
     methods = sorted(by_method, key=lambda m: (m != REFERENCE_METHOD, m))
     for method in methods:
         group = by_method[method]
-        options = sorted({k for r in group for k in r["method_options"]})
-        varying = [k for k in options if k != "seed"
-                   and len({_freeze(r["method_options"].get(k)) for r in group}) > 1]
+        named = [row_options(r) for r in group]
+        options = sorted({k for opts in named for k in opts})
+        varying = [k for k in options if k != "seed" and (k == "bits_target"
+                                                          or len({_freeze(o.get(k)) for o in named}) > 1)]
         by_variant: dict[tuple, Row] = {}
-        for r in group:
-            variant = {k: r["method_options"].get(k) for k in varying}
+        for r, opts in zip(group, named):
+            variant = {k: opts.get(k) for k in varying}
             row = by_variant.setdefault(tuple(_freeze(v) for v in variant.values()), Row(method, variant))
+            row.missed |= bool(r.get("budget")) and not r["budget"]["hit"]
             value = metric_of(r, metric)
             if value is not None:
                 row.scores[r["task"]].append(value)

@@ -118,7 +118,7 @@ def test_dare_uses_indices_when_sparser_than_one_in_32():
     assert packed.payload_bytes == kept.numel() * (4 + 2)
 
 
-@pytest.mark.parametrize("name", ["dare", "magnitude", "rtn", "lowrank"])
+@pytest.mark.parametrize("name", ["dare", "magnitude", "lowrank"])
 def test_values_beyond_fp16_are_refused_not_stored_as_inf(name):
     with pytest.raises(NonFiniteError, match="fp16"):
         create_method(name).compress(torch.full((4, 4), 7e4), name="w")
@@ -152,18 +152,29 @@ def test_magnitude_density_from_bit_budget(bits, density):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits, group_size, shape", [(2, 128, (24, 256)), (3, 50, (17, 130)), (8, 7, (5, 3, 3, 3)),
                                                      (1, 16, (9, 40))])
-def test_rtn_error_within_half_a_step_of_each_group(bits, group_size, shape):
-    # rows scaled very differently, so a range shared across groups or rows would break the bound
+def test_rtn_error_within_half_a_step_of_each_group_and_zero_is_exact(bits, group_size, shape):
+    # rows scaled very differently, so a scale shared across groups or rows would break the bound
     delta = gaussian(shape, seed=2) * torch.logspace(-2, 1, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    delta.view(shape[0], -1)[:, ::5] = 0.0
     out = roundtrip("rtn", delta, bits=bits, group_size=group_size).numpy().reshape(shape[0], -1)
     d = delta.numpy().reshape(shape[0], -1)
     levels = 2 ** bits - 1
     for start in range(0, d.shape[1], group_size):
         g, o = d[:, start:start + group_size], out[:, start:start + group_size]
-        lo, hi = g.min(axis=1, keepdims=True), g.max(axis=1, keepdims=True)
-        # the fp16 range is rounded outward by at most one fp16 ulp (2⁻¹⁰ relative) at each end
-        step = (hi - lo + (np.abs(lo) + np.abs(hi)) * 2.0 ** -10) / levels
-        assert (np.abs(o - g) <= step / 2 + 1e-9).all()
+        lo, hi = np.minimum(g.min(axis=1, keepdims=True), 0), np.maximum(g.max(axis=1, keepdims=True), 0)
+        step = (hi - lo) / levels
+        # grid ends move by half a step (integer zero point) and by the fp16 scale fraction's rounding (2⁻¹¹)
+        assert (np.abs(o - g) <= step * (0.5 + levels * 2.0 ** -11) + 1e-12).all()
+    assert (out[d == 0] == 0).all()
+
+
+def test_rtn_keeps_tiny_and_huge_deltas_on_their_grid():
+    # scales below fp16's normal range (6e-5) and above its maximum: stored as fractions of an fp32 maximum
+    for magnitude in (1e-6, 1e5):
+        delta = gaussian((8, 64), seed=4, scale=magnitude)
+        out = roundtrip("rtn", delta, bits=4, group_size=32)
+        step = (delta.reshape(8, 2, 32).amax(2).clamp(min=0) - delta.reshape(8, 2, 32).amin(2).clamp(max=0)) / 15
+        assert ((out - delta).abs().reshape(8, 2, 32) <= step.unsqueeze(2) * (0.5 + 15 * 2.0 ** -11)).all()
 
 
 # ---------------------------------------------------------------------------------------------

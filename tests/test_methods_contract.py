@@ -54,7 +54,7 @@ def rel_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def error_bound(name: str) -> float:
-    """Relative error a method may reach: 1.0 (storing nothing) except DARE.
+    """Relative error a method may reach: 1.0 (storing nothing) except DARE and UltraDelta.
 
     DARE is unbiased but not error-reducing: rescaling survivors by 1/(1−p) leaves a relative
     error of √(p/(1−p)) (3.0 at p = 0.9), which is the method, not a defect; its own tests check that value.
@@ -62,6 +62,9 @@ def error_bound(name: str) -> float:
     if name == "dare":
         p = get_method_class("dare").Config().p
         return 1.1 * math.sqrt(p / (1 - p))
+    if name == "ultradelta":  # the same random drop and 1/(1−p) rescale, on 4-bit values
+        p = get_method_class("ultradelta").Config().mask_rate
+        return 1.2 * math.sqrt(p / (1 - p))
     return 1.0
 
 
@@ -176,10 +179,12 @@ EXPECTED_PAYLOAD_BITS = {
     "delta_come": (1 * 12352 + 4 * 4672 + 157 * 3136) / NUMEL,
     # round(0.1·N) = 52429 fp16 values + a 1-bit mask
     "magnitude": 1 + 16 * 52429 / NUMEL,
-    # 2-bit codes + fp16 (min, max) per 128 entries
-    "rtn": 2 + 32 / 128,
+    # 2-bit codes + an fp16 scale fraction and a 2-bit zero point per 128 entries + the fp32 largest scale
+    "rtn": 2 + 18 / 128 + 32 / NUMEL,
     "none": 32.0,
     "zero": 0.0,
+    # ⌊0.2·N⌋ = 104857 kept: a 1-bit mask, ⌈104857/8⌉ bytes of signs, one fp32 scale
+    "compeft": (NUMEL + 8 * math.ceil(104857 / 8) + 32) / NUMEL,
 }
 #: methods whose payload is random or set by an allocation: (lowest, highest) payload bits/param
 EXPECTED_PAYLOAD_RANGE = {
@@ -190,6 +195,11 @@ EXPECTED_PAYLOAD_RANGE = {
     "deltadct": (1.0, 1.0 + 2 / 256 + 12 / 256 + 0.001),
     # its budget is measured on the file itself (header included)
     "deltadct_auto": (0.0, 1.0),
+    # 1 sign bit per parameter + one fp16 scale per row (512) or per column (1024)
+    "bitdelta_axis": (1 + 16 * ROWS / NUMEL, 1 + 16 * COLS / NUMEL),
+    # one matrix is one third-tier of its own: it drops the mean rate 0.97 → 15729 kept entries
+    # (±4σ of the per-level rounding: 16 levels), 4-bit codes + int32 indices, plus the fp32 (min, max)
+    "ultradelta": ((round(0.03 * NUMEL) - 8) * 36 / NUMEL, ((round(0.03 * NUMEL) + 8) * 36 + 64 + 8) / NUMEL),
 }
 #: JSON header + safetensors index of a one-tensor file: a few KB at most (0.04 bits/param here)
 HEADER_BITS = 0.04

@@ -124,3 +124,15 @@ def test_log_range_all_zero_rows():
     assert torch.equal(dlo, torch.zeros(4)) and torch.equal(dhi, torch.zeros(4))
     rlo, rhi = Q.decode_range_log(fields, 4, 6)
     assert torch.equal(rlo, torch.zeros(4)) and torch.equal(rhi, torch.zeros(4))
+
+
+def test_quantize_asymmetric_by_hand():
+    # group 1: lo −1, hi 2 at 2 bits → scale 1, zero round(1) = 1, q = round(x) + 1 (0.5 rounds to even 0)
+    # group 2 (shorter, all positive): range widened to [0, 6] → scale 2, zero 0, q = round(x / 2)
+    values = torch.tensor([[-1.0, 0.5, 2.0, 3.0, 6.0]])
+    codes, scale, zero = Q.quantize_asymmetric(values, 2, 3)
+    assert codes.tolist() == [[0, 1, 3, 2, 3]] and scale.tolist() == [[1.0, 2.0]] and zero.tolist() == [[1, 0]]
+    assert Q.dequantize_asymmetric(codes, scale, zero, 3).tolist() == [[-1.0, 0.0, 2.0, 4.0, 6.0]]
+    # an all-zero group sits on its zero point whatever the step
+    codes, scale, zero = Q.quantize_asymmetric(torch.zeros(2, 4), 3, 4)
+    assert Q.dequantize_asymmetric(codes, scale, zero, 4).abs().sum() == 0

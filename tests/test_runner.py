@@ -85,6 +85,7 @@ def test_sweep_presets_sweep_what_they_say():
     assert ratios.count("[") == 6 and "[0,1,0]" in ratios and "[0.5,0,0.5]" in ratios
     assert params("default") == {"method": "glob(*)"}
     assert _compose(["experiment=default"]).zoo.mode == "full"
+    assert _compose(["experiment=default"]).budget.bits == 1.0  # the main job compares at matched bits
 
 
 @pytest.mark.parametrize("launcher,target", [

@@ -27,28 +27,36 @@ def to_fp16(values: torch.Tensor, what: str, name: str = "") -> torch.Tensor:
     return values.to(torch.float16)
 
 
-def encode_sparse(keep: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+def encode_positions(keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Positions of the kept entries of a flat tensor, as a packed 1-bit mask or int32 indices.
 
-    ``keep`` is a flat bool mask; ``values`` are the kept entries in position order. The layout
-    is whichever is smaller: a mask costs 1 bit per entry, indices 32 bits per kept entry.
+    ``keep`` is a flat bool mask. The layout is whichever is smaller: a mask costs 1 bit per entry,
+    indices 32 bits per kept entry.
     """
     count = int(keep.sum())
-    fields = {"values": values}
     if 32 * count < keep.numel() and keep.numel() <= _INT32_LIMIT:
-        fields["index"] = torch.nonzero(keep).squeeze(1).to(torch.int32)
-    else:
-        fields["mask"] = pack_bits(keep.to(torch.uint8), 1)
-    return fields
+        return {"index": torch.nonzero(keep).squeeze(1).to(torch.int32)}
+    return {"mask": pack_bits(keep.to(torch.uint8), 1)}
+
+
+def decode_positions(fields: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
+    """Inverse of :func:`encode_positions`: the flat bool mask of kept entries."""
+    if "index" in fields:
+        index = fields["index"].long()
+        keep = torch.zeros(numel, dtype=torch.bool, device=index.device)
+        keep[index] = True
+        return keep
+    return unpack_bits(fields["mask"], 1, numel).bool()
+
+
+def encode_sparse(keep: torch.Tensor, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The kept entries' ``values`` (in position order) and their positions (:func:`encode_positions`)."""
+    return {"values": values, **encode_positions(keep)}
 
 
 def decode_sparse(fields: dict[str, torch.Tensor], numel: int) -> torch.Tensor:
     """Inverse of :func:`encode_sparse`: the dense flat float32 tensor, zeros where nothing was kept."""
     values = fields["values"].float()
     out = torch.zeros(numel, dtype=torch.float32, device=values.device)
-    if "index" in fields:
-        out[fields["index"].long()] = values
-    else:
-        keep = unpack_bits(fields["mask"], 1, numel).bool()
-        out[keep] = values
+    out[decode_positions(fields, numel)] = values
     return out

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -166,6 +166,25 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise ConfigError(f"option {name!r}: {value!r} must be <= {hi}")
 
 
+@dataclass(frozen=True)
+class SizeKnob:
+    """The option through which a method trades size for accuracy, for runs matched to a bits target.
+
+    A matched-bits run (``experiments/budget.py``) searches ``low..high`` for the value whose written
+    file measures the target; ``options(value)`` are the method options that realise it (one knob may
+    set several fields, e.g. Delta-DCT's ratios and budget). The measured size must be monotone in
+    the value: rising with it, or falling when ``decreasing`` (DARE's drop probability). ``integer``
+    knobs take whole values only (an index into a ladder of settings, for example).
+    """
+
+    name: str
+    low: float
+    high: float
+    options: Callable[[float], dict[str, Any]]
+    integer: bool = False
+    decreasing: bool = False
+
+
 class Method(abc.ABC):
     """A registered compression method.
 
@@ -195,6 +214,10 @@ class Method(abc.ABC):
         ``header_bytes``: what the file will spend outside the compressed tensors' own entries
         (config, policy, kept tensors), for methods that fill a budget measured on disk.
         """
+
+    def size_knob(self) -> SizeKnob | None:
+        """The knob a matched-bits run searches; None: the method has one size (reported as it is)."""
+        return None
 
     def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
         """Raise :class:`ConfigError` if a tensor of this shape cannot be compressed (e.g. smaller than a patch)."""

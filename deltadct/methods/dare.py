@@ -16,7 +16,7 @@ import torch
 from ..errors import ConfigError
 from . import register_method
 from ._storage import decode_sparse, encode_sparse, to_fp16
-from .base import Compressed, Method, MethodConfig
+from .base import Compressed, Method, MethodConfig, SizeKnob
 
 
 @dataclass
@@ -33,6 +33,9 @@ class DareConfig(MethodConfig):
 class Dare(Method):
     name = "dare"
     Config = DareConfig
+
+    def size_knob(self) -> SizeKnob:
+        return SizeKnob("p", 0.0, 0.999, lambda v: {"p": v}, decreasing=True)
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         flat = delta.float().reshape(-1)

@@ -30,7 +30,7 @@ from ..quant import (decode_range_fp16, dequantize, encode_range_fp16, pack_bits
                      unpack_bits)
 from . import register_method
 from ._storage import check_fp16_range
-from .base import Compressed, Method, MethodConfig, as_matrix, check_range, matrix_shape
+from .base import Compressed, Method, MethodConfig, SizeKnob, as_matrix, check_range, matrix_shape
 
 #: side information per kept direction: fp16 (min, max) for its column of A and of B
 RANGE_BITS_PER_DIRECTION = 4 * 16
@@ -108,6 +108,10 @@ class DeltaCoMe(Method):
 
     name = "delta_come"
     Config = DeltaCoMeConfig
+
+    def size_knob(self) -> SizeKnob:
+        # the size stops growing once every direction is kept (at the last group's width)
+        return SizeKnob("bits", 0.01, 32.0, lambda v: {"bits": v})
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         matrix = as_matrix(delta.float())

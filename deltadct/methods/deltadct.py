@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..graphs import GraphCache
 from ..quant import RANGE_ENCODINGS
 from . import register_method
-from .base import Compressed, Method, MethodConfig, as_matrix, check_choice, check_range, matrix_shape
+from .base import Compressed, Method, MethodConfig, SizeKnob, as_matrix, check_choice, check_range, matrix_shape
 
 PATCH_SIZES_HINT = (8, 16, 32, 64)
 
@@ -71,6 +71,25 @@ class DeltaDCTConfig(MethodConfig):
         check_choice("allocation", self.allocation, ("layer", "global"))
 
 
+def ratios_for_bits(ratios: tuple[float, ...], bit_widths: tuple[int, ...], bits: float) -> tuple[float, ...]:
+    """Shares at each width that spend ``bits`` per parameter on codes, on a path through ``ratios``.
+
+    Below what ``ratios`` spend, patches move in proportion from that mix to the lowest width (with
+    a 0 width the kept shares shrink together: (0.2, 0.6, 0.2) at 2/1/0 bits becomes (0.1, 0.3, 0.6)
+    at 0.5 bit); above it, to the highest width, until every patch is there. ``bit_widths`` is
+    highest first, as the config keeps it.
+    """
+    spent = sum(r * b for r, b in zip(ratios, bit_widths))
+    if bits <= spent:
+        end, reach = len(bit_widths) - 1, spent - bit_widths[-1]
+    else:
+        end, reach = 0, bit_widths[0] - spent
+    move = min(1.0, abs(bits - spent) / reach) if reach > 0 else 0.0
+    shares = [(1.0 - move) * r for r in ratios]
+    shares[end] += move
+    return tuple(shares)
+
+
 @register_method
 class DeltaDCT(Method):
     name = "deltadct"
@@ -83,6 +102,15 @@ class DeltaDCT(Method):
     @property
     def needs_plan(self) -> bool:  # type: ignore[override]
         return self.config.allocation == "global"
+
+    def size_knob(self) -> SizeKnob | None:
+        """The bits spent on codes, realised by :func:`ratios_for_bits` with the widths as configured."""
+        c = self.config
+        low, high = min(c.bit_widths), max(c.bit_widths)
+        if low == high:
+            return None
+        return SizeKnob("budget", low + 0.01 * (high - low), float(high),
+                        lambda v: {"budget": v, "ratios": ratios_for_bits(c.ratios, c.bit_widths, v)})
 
     def codec_options(self) -> dict:
         c = self.config

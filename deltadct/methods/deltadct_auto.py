@@ -29,7 +29,7 @@ from .. import codec
 from ..errors import ConfigError
 from ..quant import RANGE_ENCODINGS
 from . import register_method
-from .base import Compressed, MethodConfig, as_matrix, check_choice, check_range
+from .base import Compressed, MethodConfig, SizeKnob, as_matrix, check_choice, check_range
 from .deltadct import DeltaDCT
 
 LAYER_WEIGHTINGS = ("uniform", "numel", "norm")
@@ -80,6 +80,11 @@ class DeltaDCTAuto(DeltaDCT):
     @property
     def needs_plan(self) -> bool:  # type: ignore[override]
         return True
+
+    def size_knob(self) -> SizeKnob:
+        # its budget is already measured on the file; the search only absorbs what the reserve misses.
+        # Much below 0.5 bit/param the allocation maps and headers of small models alone do not fit.
+        return SizeKnob("budget", 0.5, float(self.config.max_width), lambda v: {"budget": v})
 
     def codec_options(self) -> dict:
         c = self.config

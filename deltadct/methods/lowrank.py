@@ -12,7 +12,7 @@ import torch
 
 from . import register_method
 from ._storage import to_fp16
-from .base import Compressed, Method, MethodConfig, as_matrix, check_range
+from .base import Compressed, Method, MethodConfig, SizeKnob, as_matrix, check_range
 
 
 @dataclass
@@ -33,6 +33,10 @@ def rank_for_budget(m: int, n: int, bits: float) -> int:
 class LowRank(Method):
     name = "lowrank"
     Config = LowRankConfig
+
+    def size_knob(self) -> SizeKnob:
+        # every matrix keeps rank ≥ 1, so small budgets all measure the rank-1 size
+        return SizeKnob("bits", 0.01, 32.0, lambda v: {"bits": v})
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         matrix = as_matrix(delta.float())

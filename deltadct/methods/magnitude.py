@@ -13,7 +13,7 @@ import torch
 
 from . import register_method
 from ._storage import decode_sparse, encode_sparse, to_fp16
-from .base import Compressed, Method, MethodConfig, check_range
+from .base import Compressed, Method, MethodConfig, SizeKnob, check_range
 
 
 @dataclass
@@ -38,6 +38,9 @@ class MagnitudeConfig(MethodConfig):
 class Magnitude(Method):
     name = "magnitude"
     Config = MagnitudeConfig
+
+    def size_knob(self) -> SizeKnob:
+        return SizeKnob("density", 1e-4, 1.0, lambda v: {"density": v, "bits": None})
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         flat = delta.float().reshape(-1)
