@@ -45,10 +45,11 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
     """The knob value whose measured bits/param is within ``tolerance`` (relative) of ``target``.
 
     Measures both ends of the knob's range first: a target outside them raises :class:`ConfigError`
-    (``unreachable="closest"``: returns the nearer end). Then narrows the bracket by secant steps on
-    the measured sizes, falling back to bisection when a step lands near a bracket end (step-wise sizes). Stops at the first hit, when the bracket
-    closes (integer knobs: neighbours; others: 10⁻⁴ of the range, where a step-wise size such as a
-    rank has no setting in between), or after ``max_trials`` measurements; returns the closest trial.
+    (``unreachable="closest"``: returns the nearer end). Then narrows the bracket by secant steps on the
+    measured sizes, falling back to bisection when a step lands near a bracket end (step-wise sizes). Stops at
+    the first hit, when the bracket closes (integer knobs: neighbours; others: 10⁻⁴ of the range, where a
+    step-wise size such as a rank has no setting in between), or after ``max_trials`` measurements; returns the
+    closest trial.
     """
     seen: dict[float, float] = {}
 

@@ -43,7 +43,8 @@ class BitDeltaAxis(Method):
         magnitude = matrix.abs().double()
         scales = {"row": to_fp16(magnitude.mean(dim=1).float(), "a row scale", name),
                   "col": to_fp16(magnitude.mean(dim=0).float(), "a column scale", name)}
-        errors = {axis: float((self._expand(axis, scale, matrix.shape) * _signed(signs) - matrix).double().square().sum())
+        signed = _signed(signs)
+        errors = {axis: float((self._expand(axis, scale, matrix.shape) * signed - matrix).double().square().sum())
                   for axis, scale in scales.items()}
         axis = min(AXES, key=lambda a: (errors[a], AXES.index(a)))
         return Compressed({"signs": pack_bits(signs.reshape(-1), 1), "scale": scales[axis]}, {"axis": axis})

@@ -79,7 +79,7 @@ def ratios_for_bits(ratios: tuple[float, ...], bit_widths: tuple[int, ...], bits
     at 0.5 bit); above it, to the highest width, until every patch is there. ``bit_widths`` is
     highest first, as the config keeps it.
     """
-    spent = sum(r * b for r, b in zip(ratios, bit_widths))
+    spent = sum(r * b for r, b in zip(ratios, bit_widths, strict=True))
     if bits <= spent:
         end, reach = len(bit_widths) - 1, spent - bit_widths[-1]
     else:

@@ -61,7 +61,7 @@ class RTN(Method):
 
     def size_knob(self) -> SizeKnob:
         return SizeKnob("bits/group_size", 0, len(SIZE_LADDER) - 1,
-                        lambda i: dict(zip(("bits", "group_size"), SIZE_LADDER[int(i)])), integer=True)
+                        lambda i: dict(zip(("bits", "group_size"), SIZE_LADDER[int(i)], strict=True)), integer=True)
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
         c = self.config

@@ -146,7 +146,7 @@ class UltraDelta(Method):
                         if values.numel() > 1 else 0.0)
             names.append(name)
             sizes.append(values.numel())
-        self._rates = dict(zip(names, tier_rates(stds, sizes, c.mask_rate, c.step_size)))
+        self._rates = dict(zip(names, tier_rates(stds, sizes, c.mask_rate, c.step_size), strict=True))
 
     def layer_rate(self, name: str) -> float:
         if name not in self._rates:
