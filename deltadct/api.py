@@ -137,9 +137,11 @@ def _fingerprint_update(digest, name: str, tensor: torch.Tensor) -> None:
 def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out: PathLike | None = None, *,
              device: str | torch.device = "cpu", policy: TensorPolicy | Mapping[str, Any] | None = None,
              progress: bool = True, overwrite: bool = False, record_errors: bool = True,
-             **method_config: Any) -> DeltaFile:
+             calibration: Mapping[str, torch.Tensor] | None = None, **method_config: Any) -> DeltaFile:
     """Compress ``finetuned − base`` with a registered method; write it to ``out`` if given.
 
+    ``calibration``: {fine-tuned tensor name: Hessian of that layer's inputs} for methods that need
+    calibration data (``Method.needs_calibration``; :func:`deltadct.calibration.collect_hessians`).
     Everything that can be checked before reading weights is checked first (method name and options,
     policy, output path, key sets and shapes), so a bad call fails fast and writes nothing.
     """
@@ -150,6 +152,12 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
         check_output_path(out, overwrite=overwrite)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
     match, plan = plan_tensors(base_ckpt, ft_ckpt, codec, policy)
+    if codec.needs_calibration:
+        uncovered = [name for name in plan.compressed if name not in (calibration or {})]
+        if uncovered:
+            raise ConfigError(f"method {method!r} needs calibration data (layer-input Hessians) for every compressed "
+                              f"tensor; {len(uncovered)} have none, e.g. {uncovered[:3]}: pass calibration= "
+                              "(deltadct-run: calibration=task) or exclude them with policy.exclude")
 
     def deltas():
         for name in plan.compressed:
@@ -170,7 +178,8 @@ def compress(base: PathLike, finetuned: PathLike, method: str = "deltadct", out:
         bar = tqdm(deltas(), total=len(plan.compressed), desc=f"compress [{method}]", unit="tensor",
                    disable=not progress)
         for name, b, delta in bar:
-            packed = codec.compress(delta, name=name)
+            packed = codec.compress(delta, name=name, **(
+                {"hessian": calibration[name].to(dev)} if codec.needs_calibration else {}))
             entry = {"kind": "compressed", "shape": list(delta.shape), "dtype": dtype_name(ft_ckpt.dtype(name)),
                      "fields": sorted(packed.tensors), "bytes": packed.payload_bytes}
             if packed.meta:

@@ -146,6 +146,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: whether :meth:`plan` must see every delta before :meth:`compress` (global allocation)
     needs_plan: ClassVar[bool] = False
+    #: whether :meth:`compress` takes ``hessian=``: the Hessian 2·XᵀX/n of the layer's inputs, one row and
+    #: column per column of :func:`as_matrix` of the delta, from calibration data (:mod:`deltadct.calibration`)
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **overrides: Any):
         if isinstance(config, MethodConfig):
@@ -168,6 +171,7 @@ class Method:
         """Raise :class:`ConfigError` if a tensor of this shape cannot be compressed (e.g. smaller than a patch)."""
 
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
+        """Compress one delta; methods with :attr:`needs_calibration` also take ``hessian=``."""
         raise NotImplementedError
 
     def reconstruct(self, compressed: Compressed, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
