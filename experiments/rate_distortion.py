@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 from deltadct.io import atomic_save_figure, atomic_write_text
 from experiments.store import REFERENCE_METHOD, ResultStore
+from experiments.tables import method_name
 
 EXPERIMENT = "rate_distortion"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -54,6 +55,7 @@ GRID: dict[str, list[dict[str, Any]]] = {
     "deltadct_auto": [{"budget": b, "max_width": 6} for b in (0.5, 1.0, 2.0, 4.0)],
     "bitdelta": [{}],
     "delta_come": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
+    "delta_come_rtn": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
     "lowrank": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
     "rtn": [{"bits": b} for b in (1, 2, 3, 4)],
     "magnitude": [{"bits": b} for b in (0.5, 1.0, 2.0, 4.0)],
@@ -133,7 +135,7 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
     latest: dict[str, dict] = {}
     for r in records:
         if r.get("experiment") == EXPERIMENT:
-            latest[r["key"]] = r
+            latest[r["key"]] = {**r, "method": method_name(r)}
     reference = defaultdict(list)
     groups: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in latest.values():

@@ -34,6 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import deltadct
 from deltadct.errors import CheckpointError, DeltaDCTError
+from deltadct.calibration import collect_hessians
+from deltadct.methods import get_method_class
+from experiments.calibration import calibration_batches, distillation_student, uses_calibration
 from experiments.config import VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
 from experiments.store import REFERENCE_METHOD, ResultStore, config_hash
@@ -200,6 +203,8 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "tasks"}
     out["zoo"] = {k: v for k, v in out["zoo"].items() if k != "cache_dir"}
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
+    if not uses_calibration(get_method_class(out["method"]["name"])):
+        out.pop("calibration", None)  # read only by calibrated methods: other runs keep their keys
     if out["model"].get("zoo") is None:
         out.pop("zoo")
     else:
@@ -225,7 +230,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     config = OmegaConf.to_container(cfg, resolve=True)
     ident = identity(config)
     method_id = config_hash(ident)
-    reference_id = config_hash({k: v for k, v in ident.items() if k != "method"})
+    reference_id = config_hash({k: v for k, v in ident.items() if k not in ("method", "calibration")})
     store = ResultStore(store_path)
 
     base, tasks = load_pair(cfg)
@@ -241,6 +246,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     from eval import EvalContext
 
     adapter = get_adapter(cfg.model.adapter)
+    method = get_method_class(spec.method_name)(spec.method_config)
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.start(config, run_dir=run_dir, group=group or cfg.logger.group or cfg.experiment, name=name)
@@ -256,6 +262,14 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                 reference = adapter.load(source.path, device=cfg.device)
                 ctx = EvalContext(task=task, data=source.data, processor=adapter.load_processor(source.path),
                                   adapter=adapter.name, reference=reference, device=cfg.device)
+            # calibration first: bad calibration data fails before any record of the task is written
+            batches, hessians, distilled, calibration_time = None, None, None, Timer()
+            if task in todo and uses_calibration(type(method)):
+                with calibration_time("calibrate"):
+                    batches = calibration_batches(cfg.calibration, adapter, reference, ctx.processor, task,
+                                                  source.data, cfg.model.zoo)
+                    if method.needs_calibration:
+                        hessians = collect_hessians(reference, batches, forward=adapter.logits)
             if task in ref_todo:
                 metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
                 key_name, score = headline(spec, metrics)
@@ -270,11 +284,18 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             if task not in todo:
                 continue
             timer = Timer()
+            timer.seconds.update(calibration_time.seconds)
             delta_path = run_dir / f"delta_{task}.safetensors"
             with timer("compress"), PeakMemory() as memory:
                 deltadct.compress(base, source.path, spec.method_name, out=delta_path, device=cfg.device,
-                                  policy=spec.policy, progress=cfg.progress, overwrite=True,
+                                  policy=spec.policy, progress=cfg.progress, overwrite=True, calibration=hessians,
                                   **spec.method_config.to_dict())
+            if hasattr(method, "distill"):
+                with timer("distill"):
+                    student = distillation_student(adapter, source.path, base, delta_path, cfg.device)
+                    tuned, distilled = method.distill(delta_path, student, reference, batches)
+                    tuned.save(delta_path, overwrite=True)
+                    del student, tuned
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
                 state = deltadct.apply(base, delta_path, device=cfg.device, progress=cfg.progress)
@@ -295,6 +316,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                       "memory": {"compress_peak_rss_mb": memory.peak_rss_mb, "max_rss_mb": max_rss_mb(),
                                  "cuda_max_allocated_mb": memory.cuda_max_allocated_mb},
                       "delta_path": str(delta_path) if cfg.keep_deltas else None,
+                      **({"distillation": vars(distilled)} if distilled is not None else {}),
                       "time": dt.datetime.now(dt.timezone.utc).isoformat(), "config": config}
             if not cfg.keep_deltas:
                 delta_path.unlink()

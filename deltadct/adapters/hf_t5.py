@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from .base import register_adapter
-from .hf import HuggingFaceAdapter, model_device, random_token_ids
+from .hf import HuggingFaceAdapter, model_device, random_token_ids, tokenized
 
 
 @register_adapter
 class T5Adapter(HuggingFaceAdapter):
     name = "hf_t5"
+    modality = "text"
     auto_class = "AutoModelForSeq2SeqLM"
 
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
@@ -21,3 +22,10 @@ class T5Adapter(HuggingFaceAdapter):
         decoder = random_token_ids(processor, model, num=num, length=8, seed=seed + 1)
         device = model_device(model)
         return {"input_ids": ids.to(device), "decoder_input_ids": decoder.to(device)}
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        # the encoder reads the sample and the decoder is teacher-forced on it (shifted right behind the
+        # start token), so the decoder's layers see as many positions as the encoder's
+        return [{**inputs, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=inputs["input_ids"])}
+                for inputs in tokenized(processor, model, samples, seq_len)]

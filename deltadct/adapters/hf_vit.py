@@ -6,13 +6,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import checkpoint_path, register_adapter
+from .base import AdapterError, checkpoint_path, register_adapter
 from .hf import HuggingFaceAdapter, model_device, quiet_transformers
 
 
 @register_adapter
 class HFImageClassificationAdapter(HuggingFaceAdapter):
     name = "hf_vit"
+    modality = "image"
     auto_class = "AutoModelForImageClassification"
     # A fine-tuned classifier has a new head (other classes than the pre-training one); base-only tensors
     # (the pooler of an ``AutoModel`` base, pre-training heads) have no place in the result.
@@ -33,3 +34,11 @@ class HFImageClassificationAdapter(HuggingFaceAdapter):
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(num, model.config.num_channels, height, width, generator=generator)
         return {"pixel_values": pixels.to(model_device(model))}
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        if processor is None:
+            raise AdapterError("calibration needs the image processor saved with the checkpoint; none was found")
+        device = model_device(model)
+        return [{"pixel_values": processor([image], return_tensors="pt")["pixel_values"].to(device)}
+                for image in samples]
