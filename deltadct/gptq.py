@@ -40,26 +40,36 @@ def hessian(xtx: torch.Tensor, count: int) -> torch.Tensor:
     return xtx.float() * (2.0 / count)
 
 
-def asymmetric_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _maxq(bits: int | torch.Tensor, like: torch.Tensor) -> int | torch.Tensor:
+    """2**bits − 1: one number, or per row (R,) when ``bits`` is a tensor of widths."""
+    if isinstance(bits, torch.Tensor):
+        return ((1 << bits.to(torch.int64)) - 1).to(like.device, like.dtype)
+    return (1 << bits) - 1
+
+
+def asymmetric_grid(values: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``values`` (R, k): the scale (fp16-representable) and integer zero point of the
-    ``bits``-bit min/max grid that contains 0.
+    ``bits``-bit min/max grid that contains 0 (``bits`` one width, or one per row).
 
     An all-zero row gets the range (−1, 1), as in the official quantiser, so its scale is never 0.
     """
-    maxq = (1 << bits) - 1
+    maxq = _maxq(bits, values)
     lo = values.amin(dim=1).clamp(max=0)
     hi = values.amax(dim=1).clamp(min=0)
     flat = (lo == 0) & (hi == 0)
     lo = torch.where(flat, -torch.ones_like(lo), lo)
     hi = torch.where(flat, torch.ones_like(hi), hi)
     scale = ((hi - lo) / maxq).to(torch.float16).to(values.dtype).clamp(min=_FP16_TINY)
-    zero = torch.round(-lo / scale).clamp(0, maxq)
+    zero = torch.minimum(torch.round(-lo / scale).clamp(min=0), torch.as_tensor(maxq, dtype=values.dtype))
     return scale, zero
 
 
-def quantize_asymmetric(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes ``clamp(round(x / scale) + zero, 0, 2**bits − 1)``; ``scale``/``zero`` broadcast against ``values``."""
-    return (torch.round(values / scale) + zero).clamp(0, (1 << bits) - 1)
+def quantize_asymmetric(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        bits: int | torch.Tensor) -> torch.Tensor:
+    """Codes ``clamp(round(x / scale) + zero, 0, 2**bits − 1)``; ``scale``, ``zero`` and per-row ``bits``
+    broadcast against ``values``."""
+    codes = (torch.round(values / scale) + zero).clamp(min=0)
+    return torch.minimum(codes, torch.as_tensor(_maxq(bits, values), dtype=values.dtype))
 
 
 def dequantize_asymmetric(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,12 @@ class GPTQResult:
         index = self.group_index
         return dequantize_asymmetric(self.codes, self.scale[:, index], self.zero[:, index])
 
+    def rows(self, start: int, stop: int) -> "GPTQResult":
+        """The result for rows ``start:stop`` (rows are quantised independently of each other)."""
+        pick = slice(start, stop)
+        return GPTQResult(self.codes[pick], self.scale[pick], self.zero[pick], self.group_index,
+                          None if self.pruned is None else self.pruned[pick])
+
 
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹ (what the official code calls Hinv)."""
@@ -97,12 +113,13 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
                           "use more calibration samples or a larger damping") from None
 
 
-def gptq_quantize(weight: torch.Tensor, hess: torch.Tensor, *, bits: int, group_size: int = 128,
+def gptq_quantize(weight: torch.Tensor, hess: torch.Tensor, *, bits: int | torch.Tensor, group_size: int = 128,
                   damp: float = 0.01, act_order: bool = True, block_size: int = 128,
                   prune_n: int = 0, prune_m: int = 0) -> GPTQResult:
     """GPTQ of ``weight`` (R, C) against the Hessian ``hess`` (C, C) of its inputs.
 
-    ``group_size`` 0 means one grid per row, computed before the first column (as the official code
+    ``bits``: one width, or a (R,) tensor of widths per row (each row's updates involve only that
+    row, so rows of several widths quantise in one pass exactly as they would apart). ``group_size`` 0 means one grid per row, computed before the first column (as the official code
     does without groups). Computes in float64 when ``weight`` is float64, else in float32.
     """
     if weight.ndim != 2:
@@ -111,13 +128,16 @@ def gptq_quantize(weight: torch.Tensor, hess: torch.Tensor, *, bits: int, group_
     if tuple(hess.shape) != (cols, cols):
         raise ConfigError(f"the Hessian has shape {list(hess.shape)} but a {rows}×{cols} weight needs "
                           f"{cols}×{cols} (one row and column per input feature)")
-    if not 1 <= bits <= 8:
-        raise ConfigError(f"GPTQ bits must be in 1..8, got {bits}")
+    widths = bits.tolist() if isinstance(bits, torch.Tensor) else [bits]
+    if not all(1 <= b <= 8 for b in widths) or (isinstance(bits, torch.Tensor) and bits.shape != (rows,)):
+        raise ConfigError(f"GPTQ bits must be in 1..8, one width or one per row, got {bits}")
     if prune_n and (prune_m <= prune_n or cols % prune_m):
         raise ConfigError(f"{prune_n}:{prune_m} pruning needs prune_m > prune_n and a column count that is a "
                           f"multiple of {prune_m} (got {cols})")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.to(dtype).clone()
+    if isinstance(bits, torch.Tensor):
+        bits = bits.to(w.device)
     h = hess.to(w.device, dtype).clone()
 
     dead = torch.diagonal(h) == 0

@@ -136,3 +136,16 @@ def test_gptq_lowers_the_output_error_below_round_to_nearest():
 def test_gptq_refuses_a_hessian_of_the_wrong_size():
     with pytest.raises(ConfigError, match="Hessian has shape"):
         gptq_quantize(torch.zeros(4, 8), torch.eye(6), bits=2)
+
+
+def test_rows_of_several_widths_in_one_pass_equal_separate_passes():
+    x = correlated_inputs(120, 40, seed=9)
+    h = hessian(x.T @ x, len(x)).double()
+    w = weight(6, 40, seed=11)
+    widths = torch.tensor([8, 8, 3, 3, 2, 2])
+    together = gptq_quantize(w, h, bits=widths, group_size=16)
+    for start, bits in ((0, 8), (2, 3), (4, 2)):
+        alone = gptq_quantize(w[start:start + 2], h, bits=bits, group_size=16)
+        part = together.rows(start, start + 2)
+        assert torch.equal(part.codes, alone.codes) and torch.equal(part.scale, alone.scale)
+        assert torch.equal(part.zero, alone.zero)

@@ -189,6 +189,8 @@ NUMEL = ROWS * COLS
 EXPECTED_PAYLOAD_BITS = {
     # 1 sign bit per parameter + one fp32 scale
     "bitdelta": 1 + 32 / NUMEL,
+    # BitDelta's layout (its scales are distilled afterwards, by the runner)
+    "bitdelta_distilled": 1 + 32 / NUMEL,
     # rank ⌊1·512·1024 / (16·1536)⌋ = 21 factors of 1536 fp16 numbers
     "lowrank": 21 * (ROWS + COLS) * 16 / NUMEL,
     # directions of (8·1536+64), (3·1536+64), (2·1536+64) bits: 1 (⌈512·2/4096⌉), 4 (⌈512·32/4096⌉),

@@ -39,8 +39,8 @@ EXPECTED = {
                                 ["gaussian noise (same shape/std)", "all real deltas",
                                  *(f"task {t}" for t in ("digits", "parity", "geq5", "rotated"))]),
     "rate_distortion.ipynb": (["rate_distortion.png"],
-                              [f"| {m} |" for m in ("deltadct", "deltadct_auto", "bitdelta", "delta_come", "lowrank",
-                                                    "rtn", "magnitude", "dare", "zero")]),
+                              [f"| {m} |" for m in ("deltadct", "deltadct_auto", "bitdelta", "delta_come",
+                                                    "delta_come_rtn", "lowrank", "rtn", "magnitude", "dare", "zero")]),
 }
 
 

@@ -128,14 +128,18 @@ class DeltaCoMe(Method):
         out.fp16(s[:sum(ranks)], "a singular value")
         s_hat = s[:sum(ranks)].to(torch.float16).float()  # what the reader sees
         options = dict(group_size=c.group_size, damp=c.damp, act_order=c.act_order)
+        # every kept direction of Vᵀ in one GPTQ pass, each row at its group's width: the rows share the
+        # Hessian and never touch each other, so this is the per-group quantisation done at once
+        widths = torch.tensor([w for w, k in zip(c.bit_widths, ranks) for _ in range(k)], device=matrix.device)
+        v_all = gptq_quantize(vh[:sum(ranks)], h, bits=widths, **options)
+        if stores_group_index(n, c.group_size, c.act_order):
+            out.group_index(v_all)
         start = 0
         for width, k in zip(c.bit_widths, ranks):
             if not k:
                 continue
             directions = slice(start, start + k)
-            v_result = gptq_quantize(vh[directions], h, bits=width, **options)
-            if start == 0 and stores_group_index(n, c.group_size, c.act_order):
-                out.group_index(v_result)
+            v_result = v_all.rows(start, start + k)
             out.gptq(v_result, width)
             projection = s_hat[directions].unsqueeze(1) * v_result.dequantize()  # z = S_g V̂ᵀ_g x
             u_result = gptq_quantize(u[:, directions], projection @ h @ projection.T, bits=width, **options)
