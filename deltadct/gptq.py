@@ -119,7 +119,8 @@ def gptq_quantize(weight: torch.Tensor, hess: torch.Tensor, *, bits: int | torch
     """GPTQ of ``weight`` (R, C) against the Hessian ``hess`` (C, C) of its inputs.
 
     ``bits``: one width, or a (R,) tensor of widths per row (each row's updates involve only that
-    row, so rows of several widths quantise in one pass exactly as they would apart). ``group_size`` 0 means one grid per row, computed before the first column (as the official code
+    row, so rows of several widths quantise in one pass exactly as they would apart).
+    ``group_size`` 0 means one grid per row, computed before the first column (as the official code
     does without groups). Computes in float64 when ``weight`` is float64, else in float32.
     """
     if weight.ndim != 2:
@@ -152,7 +153,7 @@ def gptq_quantize(weight: torch.Tensor, hess: torch.Tensor, *, bits: int | torch
     group = group_size if group_size > 0 else cols
     num_groups = math.ceil(cols / group)
     # a block starts at every group start, so each grid sees weights with every earlier update applied
-    block = block_size if group % block_size == 0 else group
+    block = block_size if group % block_size == 0 or num_groups == 1 else group
     scale = w.new_zeros(rows, num_groups)
     zero = w.new_zeros(rows, num_groups)
     codes = torch.zeros(rows, cols, dtype=torch.uint8, device=w.device)
