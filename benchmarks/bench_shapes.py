@@ -51,7 +51,7 @@ METHODS = [
     ("deltadct p=16", "deltadct", {"patch_size": 16}),
     ("deltadct p=32", "deltadct", {"patch_size": 32}),
     ("bitdelta", "bitdelta", {}),
-    ("delta_come", "delta_come", {}),
+    ("delta_come_rtn", "delta_come_rtn", {}),
     ("lowrank", "lowrank", {}),
 ]
 #: on CUDA, Delta-DCT p=16 again down the slower code paths (deltadct.codec switches), same bytes

@@ -176,11 +176,13 @@ def compress(base: PathLike | CheckpointReader, finetuned: PathLike | Checkpoint
              method: str | Method | MethodConfig = "deltadct", out: PathLike | None = None, *,
              device: str | torch.device = "cpu", policy: TensorPolicy | Mapping[str, Any] | None = None,
              progress: bool = True, overwrite: bool = False, record_errors: bool = True,
-             **method_config: Any) -> DeltaFile:
+             calibration: Mapping[str, torch.Tensor] | None = None, **method_config: Any) -> DeltaFile:
     """Compress ``finetuned − base`` with a registered method; write it to ``out`` if given.
 
     ``method`` is a registered name (options as keywords), a method's config object
     (``get_method_class("deltadct").Config(patch_size=32)``) or a ready :class:`Method`.
+    ``calibration``: {fine-tuned tensor name: Hessian of that layer's inputs} for methods that need
+    calibration data (``Method.needs_calibration``; :func:`deltadct.calibration.collect_hessians`).
     Everything that can be checked before reading weights is checked first (method name and options,
     policy, output path, key sets and shapes), so a bad call fails fast and writes nothing.
     ``base``/``finetuned`` may also be open :class:`CheckpointReader` objects (reused across calls).
@@ -193,6 +195,13 @@ def compress(base: PathLike | CheckpointReader, finetuned: PathLike | Checkpoint
         check_output_path(out, overwrite=overwrite, inputs=_input_paths(base, finetuned))
     base_ckpt, ft_ckpt = _reader(base), _reader(finetuned)
     match, plan = plan_tensors(base_ckpt, ft_ckpt, codec, policy)
+    if codec.needs_calibration:
+        uncovered = [name for name in plan.compressed if name not in (calibration or {})]
+        if uncovered:
+            raise ConfigError(f"method {method!r} needs calibration data (layer-input Hessians) for every compressed "
+                              f"tensor; {len(uncovered)} have none, e.g. {uncovered[:3]}: pass calibration= "
+                              "(deltadct-run: calibration=task) or exclude them with policy.exclude")
+
     checks = LaggedChecks()
 
     if codec.needs_plan:
@@ -213,7 +222,8 @@ def compress(base: PathLike | CheckpointReader, finetuned: PathLike | Checkpoint
                            total=len(plan.compressed), desc=f"compress [{method}]", unit="tensor",
                            disable=not progress)
                 for name, b, delta in bar:
-                    packed = codec.compress(delta, name=name)
+                    packed = codec.compress(delta, name=name, **(
+                        {"hessian": calibration[name].to(dev)} if codec.needs_calibration else {}))
                     entry = {"kind": "compressed", "shape": list(delta.shape),
                              "dtype": dtype_name(ft_ckpt.dtype(name)), "fields": sorted(packed.tensors),
                              "bytes": packed.payload_bytes}

@@ -10,8 +10,10 @@ so the file keeps its size and layout and any deltadct reader applies the result
 ...                                         batches, steps=100)
 >>> tuned.save("ft.bitdelta-distilled.safetensors")
 
-Each scale is trained as α = α₀·g with a gain g starting at 1, so the learning rate is relative
-(``lr=1e-2`` moves a scale by about 1 % per Adam step) whatever the magnitude of the weights.
+By default each scale is trained as α = α₀·g with a gain g starting at 1, so the learning rate is
+relative (``lr=1e-2`` moves a scale by about 1 % per Adam step) whatever the magnitude of the weights.
+``absolute=True`` trains the scales themselves, as the official code (FasterDecoding/BitDelta) does
+with AdamW (lr 1e-4, weight decay 0.01) and a cosine schedule over the steps (``schedule="cosine"``).
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ from torch.func import functional_call
 from .errors import ConfigError
 from .format import DeltaFile, finalize_header, in_memory, load, tensor_name
 from .io import SafetensorsWriter
+from .methods import get_method_class
 from .methods.bitdelta import SCALE_FIELD, BitDelta, sign_times_scale
 
 LOSSES = ("mse", "kl")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -87,21 +91,25 @@ def _eval_mode(*models: torch.nn.Module):
 
 def distill_bitdelta_scales(delta: DeltaFile | str | os.PathLike, base_model: torch.nn.Module,
                             teacher: torch.nn.Module, batches: Sequence[Any], *, steps: int = 100,
-                            lr: float = 1e-2, loss: str = "mse") -> tuple[DeltaFile, DistillReport]:
+                            lr: float = 1e-2, loss: str = "mse", absolute: bool = False,
+                            schedule: str = "constant", weight_decay: float = 0.0) -> tuple[DeltaFile, DistillReport]:
     """Tune the per-matrix scales of a BitDelta file so base + Δ̂ matches ``teacher``'s logits.
 
     ``base_model`` and ``teacher`` are the base and fine-tuned models (same architecture; their
     ``state_dict`` names are the tensor names of the delta file). ``batches`` are calibration inputs,
     each a tensor, a tuple of positional inputs or a dict of keyword inputs; ``steps`` Adam steps
-    cycle through them. Returns a new in-memory :class:`DeltaFile` (``.save(path)`` writes it) and
-    a :class:`DistillReport`. Neither model is modified.
+    cycle through them with AdamW (``weight_decay``; 0 is Adam) and a ``schedule`` of the learning
+    rate. Returns a new in-memory :class:`DeltaFile` (``.save(path)`` writes it) and a
+    :class:`DistillReport`. Neither model is modified.
     """
     dfile = delta if isinstance(delta, DeltaFile) else load(delta)
-    if dfile.method_name != BitDelta.name:
+    if not issubclass(get_method_class(dfile.method_name), BitDelta):
         raise ConfigError(f"scale distillation needs a bitdelta file; {dfile.path or 'this delta'} "
                           f"was made with {dfile.method_name!r}")
     if loss not in LOSSES:
         raise ConfigError(f"option 'loss': {loss!r} is not one of {list(LOSSES)}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"option 'schedule': {schedule!r} is not one of {list(SCHEDULES)}")
     if steps < 0 or not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"steps must be >= 0 and lr > 0 (got steps={steps}, lr={lr})")
     batches = list(batches)
@@ -120,13 +128,18 @@ def distill_bitdelta_scales(delta: DeltaFile | str | os.PathLike, base_model: to
         compressed = dfile.compressed(n, device)
         signs[n] = BitDelta.signs(compressed, tuple(dfile.entries[n]["shape"]))
         scales0[n] = compressed.tensors[SCALE_FIELD].float()
-    gains = torch.ones(len(names), device=device, requires_grad=True)
+    # the trained parameter per matrix: a gain on its stored scale, or (absolute) the scale itself
+    trained = (torch.cat([scales0[n].reshape(1) for n in names]) if absolute
+               else torch.ones(len(names), device=device)).requires_grad_(True)
+
+    def scale(i: int, n: str) -> torch.Tensor:
+        return trained[i] if absolute else scales0[n] * trained[i]
 
     def student_state() -> dict[str, torch.Tensor]:
         state = {**base_state, **fixed}
         for i, n in enumerate(names):
             w = base_state[n]
-            state[n] = (w.float() + sign_times_scale(signs[n], scales0[n] * gains[i])).to(w.dtype)
+            state[n] = (w.float() + sign_times_scale(signs[n], scale(i, n))).to(w.dtype)
         return state
 
     def calibration_loss() -> float:
@@ -137,7 +150,8 @@ def distill_bitdelta_scales(delta: DeltaFile | str | os.PathLike, base_model: to
 
     with _eval_mode(base_model, teacher):
         before = calibration_loss()
-        opt = torch.optim.Adam([gains], lr=lr)
+        opt = torch.optim.AdamW([trained], lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if schedule == "cosine" else None
         for step in range(steps):
             batch = batches[step % len(batches)]
             with torch.no_grad():
@@ -145,9 +159,11 @@ def distill_bitdelta_scales(delta: DeltaFile | str | os.PathLike, base_model: to
             opt.zero_grad()
             _loss(_forward(base_model, batch, student_state()), target, loss).backward()
             opt.step()
+            if sched is not None:
+                sched.step()
         after = calibration_loss()
 
-    new_scales = {n: (scales0[n] * gains[i]).detach().cpu() for i, n in enumerate(names)}
+    new_scales = {n: scale(i, n).detach().reshape(1).cpu() for i, n in enumerate(names)}
     header = dict(dfile.header)
     header["entries"] = {n: dict(e) for n, e in dfile.entries.items()}
     teacher_state = teacher.state_dict()
@@ -158,7 +174,8 @@ def distill_bitdelta_scales(delta: DeltaFile | str | os.PathLike, base_model: to
             norm = float(torch.linalg.vector_norm(true))
             if norm > 0:
                 header["entries"][n]["rel_error"] = round(float(torch.linalg.vector_norm(approx - true)) / norm, 6)
-    header["distillation"] = {"steps": steps, "lr": lr, "loss": loss, "batches": len(batches),
+    header["distillation"] = {"steps": steps, "lr": lr, "loss": loss, "absolute": absolute, "schedule": schedule,
+                              "weight_decay": weight_decay, "batches": len(batches),
                               "loss_before": before, "loss_after": after}
     writer = SafetensorsWriter(None)
     for name in dfile.entries:

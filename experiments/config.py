@@ -11,6 +11,7 @@ Layout of a composed config (``deltadct-run --cfg job`` prints it)::
     method:     ``name`` + the method's Config fields (conf/method/<name>.yaml, 1:1 with the registry)
     eval:       evaluator name -> its options (conf/eval/<name>.yaml); ``model.evaluators`` picks which run
     logger:     none | wandb (conf/logger/)
+    calibration: none | task: calibration data for the methods that need it (conf/calibration/)
     zoo:        mode / seed / cache dir of the offline zoo (used by pairs with ``model.zoo`` set)
     paths:      data, checkpoint, cache, output dirs and the store (conf/paths/); other keys refer to them
     store:      where result records go (``${paths.store}``)
@@ -31,8 +32,10 @@ from deltadct.errors import ConfigError
 from deltadct.methods import MethodConfig, get_method_class, list_methods
 from deltadct.policy import TensorPolicy
 from experiments.budget import UNREACHABLE
+from experiments.calibration import check_modality, uses_calibration
 
 LOGGERS = ("none", "wandb")
+CALIBRATION_SOURCES = ("none", "task")
 WANDB_MODES = ("online", "offline", "disabled")
 ZOO_MODES = ("fast", "full")
 
@@ -107,6 +110,19 @@ class PathsConf:
 
 
 @dataclass
+class CalibrationConf:
+    """Calibration data (experiments/calibration.py); only methods that need it read it."""
+
+    #: none | task (samples of the task's own training split)
+    name: str = "task"
+    num_samples: int = 128
+    #: token limit of each text sample
+    seq_len: int = 128
+    seed: int = 0
+    split: str = "train"
+
+
+@dataclass
 class StoreConf:
     #: JSON-lines result store; relative paths are taken from the directory deltadct-run was started in
     path: str = "results/records.jsonl"
@@ -134,6 +150,7 @@ class RunConf:
     eval: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConf = field(default_factory=LoggerConf)
     zoo: ZooConf = field(default_factory=ZooConf)
+    calibration: CalibrationConf = field(default_factory=CalibrationConf)
     store: StoreConf = field(default_factory=StoreConf)
     paths: PathsConf = field(default_factory=PathsConf)
     budget: BudgetConf = field(default_factory=BudgetConf)
@@ -210,6 +227,17 @@ def method_options(cfg: DictConfig) -> tuple[str, Dict[str, Any]]:
     return name, options
 
 
+def _validate_calibration(cfg: DictConfig, method: str) -> None:
+    cal = cfg.calibration
+    if cal.name not in CALIBRATION_SOURCES:
+        raise ConfigError(f"calibration.name {cal.name!r} is not one of {list(CALIBRATION_SOURCES)}")
+    if cal.num_samples < 1 or cal.seq_len < 1:
+        raise ConfigError(f"calibration.num_samples and calibration.seq_len must be >= 1 (got {cal.num_samples}, "
+                          f"{cal.seq_len})")
+    if cal.name == "none" and uses_calibration(get_method_class(method)):
+        raise ConfigError(f"method {method!r} needs calibration data but calibration=none; set calibration=task")
+
+
 def validate(cfg: DictConfig) -> RunSpec:
     """Check every option that can be checked without loading a model; raise one-line errors."""
     from deltadct.adapters import create_adapter
@@ -233,6 +261,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"budget.unreachable {budget.unreachable!r} is not one of {list(UNREACHABLE)}")
     if budget.max_trials < 2:
         raise ConfigError(f"budget.max_trials {budget.max_trials!r} must be at least 2 (both ends of a knob)")
+    _validate_calibration(cfg, name)
     model = cfg.model
     if model.zoo is None and (model.base is None or not model.tasks):
         raise ConfigError(f"model {model.name!r}: set either model.zoo or both model.base and model.tasks")
@@ -243,6 +272,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         if unknown:
             raise ConfigError(f"tasks {unknown} are not tasks of model {model.name!r}: {sorted(model.tasks)}")
     adapter = create_adapter(model.adapter)
+    if uses_calibration(get_method_class(name)) and model.zoo is None:
+        for task_name, task in model.tasks.items():
+            check_modality(OmegaConf.to_container(task.data, resolve=True), task_name, adapter)
     policy = TensorPolicy.from_dict({**adapter.policy_defaults,
                                      **OmegaConf.to_container(model.policy, resolve=True)})
     if not model.evaluators:

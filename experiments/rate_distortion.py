@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 from deltadct.io import atomic_save_figure, atomic_write_text
 from experiments.config import CONF_DIR
 from experiments.store import REFERENCE_METHOD, ResultStore
+from experiments.tables import method_name
 
 EXPERIMENT = "rate_distortion"
 ERROR_KEY = "reconstruction/score"  # global relative Frobenius error of the weight matrices
@@ -117,7 +118,7 @@ def summarise(records: Sequence[dict]) -> tuple[list[dict[str, Any]], float | No
     latest: dict[str, dict] = {}
     for r in records:
         if r.get("experiment") == EXPERIMENT:
-            latest[r["key"]] = r
+            latest[r["key"]] = {**r, "method": method_name(r)}
     reference = defaultdict(list)
     groups: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in latest.values():

@@ -17,7 +17,7 @@ RECORD_VERSION = 1
 
 #: keys only a compressed run has (measured on its file, or about its compression)
 COMPRESSED_KEYS = ("total_bits_per_param", "file_bytes", "num_params", "num_compressed", "layers", "memory",
-                   "delta_path", "budget")
+                   "delta_path", "budget", "distillation")
 
 
 class _Absent:
@@ -75,6 +75,8 @@ class Record:
     delta_path: str | None = ABSENT
     #: matched-bits runs only: target, knob chosen, measured bits, whether the target was met
     budget: dict[str, Any] | None = ABSENT
+    #: scale-distilled methods only: steps, learning rate, loss before and after
+    distillation: dict[str, Any] | None = ABSENT
     #: keys of a stored record that this class does not name, kept as they were
     extra: dict[str, Any] = field(default_factory=dict)
 

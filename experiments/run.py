@@ -33,9 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import deltadct
 from deltadct.checkpoints import open_checkpoint
+from deltadct.calibration import IdentityHessians, collect_hessians
 from deltadct.errors import CheckpointError, DeltaDCTError
+from deltadct.methods import create_method, get_method_class
 from deltadct.profiling import PeakMemory, peak_rss_bytes
 from experiments.budget import finish_record, match_budget
+from experiments.calibration import calibration_batches, distillation_student, uses_calibration
 from experiments.config import CONF_DIR, VOLATILE_KEYS, RunSpec, register_configs, validate
 from experiments.loggers import make_logger
 from experiments.records import ABSENT, Record
@@ -198,6 +201,8 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
     if out.get("budget", {}).get("bits") is None:
         out.pop("budget", None)  # runs without a target keep the keys they had before matched bits existed
+    if not uses_calibration(get_method_class(out["method"]["name"])):
+        out.pop("calibration", None)  # read only by calibrated methods: other runs keep their keys
     if out["model"].get("zoo") is None:
         out.pop("zoo")
     else:
@@ -223,7 +228,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     config = OmegaConf.to_container(cfg, resolve=True)
     ident = identity(config)
     method_id = config_hash(ident)
-    reference_id = config_hash({k: v for k, v in ident.items() if k != "method"})
+    reference_id = config_hash({k: v for k, v in ident.items() if k not in ("method", "calibration", "budget")})
     store = ResultStore(store_path)
     store.check_writable()  # before any computation: a result that cannot be stored is lost
 
@@ -248,6 +253,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
         configs = {task: match_task_budget(cfg, spec, pair_key, base, tasks[task].path) for task in todo}
 
     adapter = create_adapter(cfg.model.adapter)
+    calibrated = uses_calibration(get_method_class(spec.method_name))
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
     logger.start(config, run_dir=run_dir, group=group or cfg.logger.group or cfg.experiment, name=name)
@@ -263,6 +269,14 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                     adapter.load(source.path, device=cfg.device), adapter.load_processor(source.path)))
                 ctx = EvalContext(task=task, data=source.data, processor=processor,
                                   adapter=adapter, reference=reference, device=cfg.device)
+            # calibration first: bad calibration data fails before any record of the task is written
+            batches, hessians, distilled, calibration_time = None, None, None, Timer()
+            if task in todo and calibrated:
+                with calibration_time("calibrate"):
+                    batches = calibration_batches(cfg.calibration, adapter, reference, ctx.processor, task,
+                                                  source.data, cfg.model.zoo)
+                    if get_method_class(spec.method_name).needs_calibration:
+                        hessians = collect_hessians(reference, batches, forward=adapter.logits)
             if task in ref_todo:
                 metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
                 key_name, score = headline(spec, metrics)
@@ -281,9 +295,17 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             delta_path = run_dir / f"delta_{task}.safetensors"
             base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
             ft_reader = SHARED.get(pair_key, ("checkpoint", str(source.path)), lambda: open_checkpoint(source.path))
+            timer.seconds.update(calibration_time.seconds)
             with timer("compress"), PeakMemory(cfg.device) as memory:
                 deltadct.compress(base_reader, ft_reader, method_config, out=delta_path, device=cfg.device,
-                                  policy=spec.policy, progress=cfg.progress, overwrite=True)
+                                  policy=spec.policy, progress=cfg.progress, overwrite=True, calibration=hessians)
+            method = create_method(method_config)
+            if hasattr(method, "distill"):
+                with timer("distill"):
+                    student = distillation_student(adapter, source.path, base, delta_path, cfg.device)
+                    tuned, distilled = method.distill(delta_path, student, reference, batches)
+                    tuned.save(delta_path, overwrite=True)
+                    del student, tuned
             info = deltadct.info(delta_path)  # measured from the written file
             with timer("apply"):
                 state = deltadct.apply(base_reader, delta_path, device=cfg.device, progress=cfg.progress)
@@ -305,6 +327,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                                     "max_rss_mb": _mib(peak_rss_bytes()),
                                     "cuda_max_allocated_mb": _mib(memory.cuda_peak_bytes)},
                             delta_path=str(delta_path) if cfg.keep_deltas else None,
+                            distillation=ABSENT if distilled is None else vars(distilled),
                             time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
             if not cfg.keep_deltas:
                 delta_path.unlink()
@@ -324,9 +347,15 @@ def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path,
     base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
     ft_reader = SHARED.get(pair_key, ("checkpoint", str(finetuned)), lambda: open_checkpoint(finetuned))
 
+    # a calibrated method's file layout depends on its options and the shapes, never on the Hessian's
+    # values (tests/test_calibration.py checks it), so the search measures with identity Hessians and needs
+    # no calibration pass per trial
+    hessians = IdentityHessians(ft_reader) if get_method_class(spec.method_name).needs_calibration else None
+
     def measure(options: dict[str, Any]) -> float:
         return deltadct.compress(base_reader, ft_reader, spec.method_name, out=None, device=cfg.device,
-                                 policy=spec.policy, progress=False, **options).info()["bits_per_param"]
+                                 policy=spec.policy, progress=False, calibration=hessians,
+                                 **options).info()["bits_per_param"]
 
     config, record = match_budget(spec.method_name, spec.method_config, cfg.budget, measure)
     if record["knob"] is not None:

@@ -107,11 +107,22 @@ def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
 
 
+def method_name(record: dict) -> str:
+    """The record's method under its current name: records of ``delta_come`` made before the published
+    (GPTQ) variant took that name hold the data-free variant, now ``delta_come_rtn`` (its options
+    include ``rank_fractions``)."""
+    if record["method"] == "delta_come" and "rank_fractions" in record.get("method_options", {}):
+        return "delta_come_rtn"
+    return record["method"]
+
+
 def select(records: Iterable[dict], *, experiment: str | None = None, family: str | None = None,
            model: str | None = None, methods: Sequence[str] | None = None) -> list[dict]:
-    """The latest record of each distinct (config, task) matching the filters, in store order."""
+    """The latest record of each distinct (config, task) matching the filters, in store order, each
+    under its method's current name (:func:`method_name`)."""
     latest: dict[str, dict] = {}
     for r in records:
+        r = {**r, "method": method_name(r)}
         if ((experiment is None or r.get("experiment") == experiment) and (family is None or r.get("family") == family)
                 and (model is None or r.get("model") == model)
                 and (not methods or r["method"] in methods or r["method"] == REFERENCE_METHOD)):

@@ -20,7 +20,10 @@ single() { $PY -m experiments.run hydra.mode=RUN keep_deltas=false "$@"; }
 
 # A paper table with every method, each at its setting nearest 1 bit/param: the preset's methods, then
 # DARE (3 seeds) and magnitude sparsification (fp16 values + positions), 1-bit round-to-nearest and
-# deltadct_auto at a 1-bit budget; every run carries the table's title.  paper_table PRESET TITLE ARGS...
+# deltadct_auto at a 1-bit budget; every run carries the table's title. The vision and GLUE presets list
+# the calibrated methods too (delta_come, deltazip, bitdelta_distilled, on calibration=task samples of
+# each task's training split); delta_come_rtn is Delta-CoMe's data-free variant (records named
+# delta_come from before it existed).  paper_table PRESET TITLE ARGS...
 paper_table() {
   local preset=$1 title=$2; shift 2
   set -- experiment=$preset "$@" "table.title='$title'"

@@ -14,7 +14,7 @@ from conftest import digits_data, digits_mlp
 from deltadct.distill import distill_bitdelta_scales
 from deltadct.errors import ConfigError, NonFiniteError
 from deltadct.methods import create_method
-from deltadct.methods.delta_come import group_ranks
+from deltadct.methods.delta_come_rtn import group_ranks
 from deltadct.methods.lowrank import rank_for_budget
 
 
@@ -178,27 +178,27 @@ def test_rtn_keeps_tiny_and_huge_deltas_on_their_grid():
 
 
 # ---------------------------------------------------------------------------------------------
-# delta_come
+# delta_come_rtn (the data-free variant; delta_come is tested in test_calibrated_methods.py)
 # ---------------------------------------------------------------------------------------------
-def test_delta_come_group_sizes_follow_the_recipe():
-    cfg = create_method("delta_come").config
+def test_delta_come_rtn_group_sizes_follow_the_recipe():
+    cfg = create_method("delta_come_rtn").config
     # 512×1024: ⌈512·2/4096⌉ = 1 at 8 bits, ⌈512·32/4096⌉ = 4 at 3 bits, the rest of the budget at 2 bits
     assert group_ranks(512, 1024, cfg) == [1, 4, (524288 - 12352 - 4 * 4672) // 3136]
     # a tight budget shrinks the later groups: 0.05·524288 = 26214 bits → one 8-bit direction (12352),
     # two 3-bit ones (9344) instead of four, and one 2-bit one (3136) from the 4518 bits left
-    small = create_method("delta_come", bits=0.05).config
+    small = create_method("delta_come_rtn", bits=0.05).config
     assert group_ranks(512, 1024, small) == [1, 2, 1]
     # below the cost of one direction, the top direction is kept anyway
-    assert group_ranks(512, 1024, create_method("delta_come", bits=0.001).config) == [1, 0, 0]
+    assert group_ranks(512, 1024, create_method("delta_come_rtn", bits=0.001).config) == [1, 0, 0]
 
 
-def test_delta_come_at_high_precision_is_nearly_exact():
+def test_delta_come_rtn_at_high_precision_is_nearly_exact():
     delta = spectrum_delta(64, 64, np.linspace(1.0, 0.1, 64))
-    out = roundtrip("delta_come", delta, bits=20.0, bit_widths=[8], rank_fractions=[])
+    out = roundtrip("delta_come_rtn", delta, bits=20.0, bit_widths=[8], rank_fractions=[])
     assert float((out - delta).norm() / delta.norm()) < 0.02
 
 
-def test_delta_come_beats_lowrank_at_the_same_measured_bits(tmp_path):
+def test_delta_come_rtn_beats_lowrank_at_the_same_measured_bits(tmp_path):
     m, n = 256, 512
     delta = spectrum_delta(m, n, np.arange(1, m + 1) ** -0.5, seed=3)
     base = {"w": gaussian((m, n), seed=9, scale=0.05)}
@@ -209,7 +209,7 @@ def test_delta_come_beats_lowrank_at_the_same_measured_bits(tmp_path):
                                  progress=False, **options).info()
         return info["bits_per_param"], info["layers"]["w"]["rel_error"]
 
-    come_bits, come_error = measure("delta_come")
+    come_bits, come_error = measure("delta_come_rtn")
     # lowrank's rank moves in steps of 16·(m+n) bits: give it the first rank at or above delta_come's file size
     low_bits, low_error = measure("lowrank", bits=come_bits)
     assert low_bits >= come_bits
@@ -250,9 +250,10 @@ def test_zero_file_holds_no_compressed_bytes(tmp_path):
     ("rtn", {"bits": 0}, "bits"), ("rtn", {"bits": 9}, "bits"), ("rtn", {"group_size": 0}, "group_size"),
     ("rtn", {"bits": 2.5}, "bits"),
     ("lowrank", {"bits": 0}, "bits"), ("lowrank", {"bits": -1}, "bits"),
-    ("delta_come", {"bits": 0}, "bits"), ("delta_come", {"bit_widths": [9, 2], "rank_fractions": [0.1]}, "bit_widths"),
-    ("delta_come", {"rank_fractions": [0.1]}, "rank_fractions"),
-    ("delta_come", {"rank_fractions": [0.7, 0.6]}, "rank_fractions"),
+    ("delta_come_rtn", {"bits": 0}, "bits"),
+    ("delta_come_rtn", {"bit_widths": [9, 2], "rank_fractions": [0.1]}, "bit_widths"),
+    ("delta_come_rtn", {"rank_fractions": [0.1]}, "rank_fractions"),
+    ("delta_come_rtn", {"rank_fractions": [0.7, 0.6]}, "rank_fractions"),
 ])
 def test_bad_options_name_the_option_and_value(name, options, option):
     with pytest.raises(ConfigError, match=option):

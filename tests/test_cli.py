@@ -148,6 +148,8 @@ BAD_COMPRESS = {
     "ratios not summing to 1": (None, ["--set", "ratios=0.5,0.3,0.1"], "ratios"),
     "ratios over budget": (None, ["--set", "ratios=0.5,0.5,0"], "budget"),
     "unknown method": (None, ["--method", "jpeg9000"], "unknown method"),
+    "GPTQ method without calibration data": (None, ["--method", "delta_come"], "needs calibration data"),
+    "2:4 GPTQ method without calibration data": (None, ["--method", "deltazip"], "needs calibration data"),
 }
 
 

@@ -3,7 +3,8 @@
 A new method is covered by adding its module: shapes/dtype/finiteness, error no worse than storing
 nothing, determinism, odd and conv shapes, bit-exact reconstruction from a real file, config
 validation and a ``conf/method/<name>.yaml`` matching its defaults. The measured size of a
-512×1024 delta is checked against a hand-computed payload for every method that has one.
+512×1024 delta is checked against a hand-computed payload for every method that has one. Methods
+that need calibration data get the Hessian of synthetic correlated inputs.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from safetensors.torch import save_file
 
 import deltadct
 from deltadct.errors import ConfigError, UnknownMethodError
+from deltadct.gptq import hessian
 from deltadct.methods import create_method, get_method_class, list_methods
+from deltadct.methods.base import matrix_shape
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = list_methods()
@@ -43,9 +46,24 @@ def low_rank_plus_noise(shape: tuple[int, ...], rank: int = 8, noise: float = 0.
     return ((signal + noise * torch.randn(m, n, generator=gen)) * 1e-3).reshape(shape)
 
 
+def synthetic_hessian(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """H = 2·XᵀX/n of random inputs with unequal, correlated features, for a delta of ``shape``."""
+    cols = matrix_shape(tuple(shape))[1]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * cols + 16, cols, generator=gen) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen))
+    return hessian(x.T @ x, len(x))
+
+
+def calibration_options(method, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """``calibration=`` for deltadct.compress when the method needs it, else nothing."""
+    return {"calibration": {k: synthetic_hessian(s) for k, s in shapes.items()}} if method.needs_calibration else {}
+
+
 def compress_one(method, delta: torch.Tensor, name: str = "layer.weight"):
     if method.needs_plan:
         method.plan([(name, delta)])
+    if method.needs_calibration:
+        return method.compress(delta, name=name, hessian=synthetic_hessian(delta.shape))
     return method.compress(delta, name=name)
 
 
@@ -131,16 +149,18 @@ def pair(tmp_path_factory):
 def test_file_roundtrip_is_bit_exact(name, pair, tmp_path):
     base, finetuned, deltas = pair
     out = tmp_path / f"{name}.safetensors"
-    deltadct.compress(base, finetuned, method=name, out=out, progress=False, **SMALL_INPUT_OPTIONS.get(name, {}))
+    method = small_method(name)
+    deltadct.compress(base, finetuned, method=name, out=out, progress=False, **SMALL_INPUT_OPTIONS.get(name, {}),
+                      **calibration_options(method, PAIR_SHAPES))
     dfile = deltadct.load(out)
     compressed = dfile.names("compressed")
     assert "blocks.0.attn.weight" in compressed and "blocks.0.attn.bias" not in compressed
 
-    method = small_method(name)
     if method.needs_plan:
         method.plan((k, deltas[k]) for k in compressed)
     for key in compressed:
-        in_memory = method.compress(deltas[key], name=key)
+        in_memory = method.compress(deltas[key], name=key, **(
+            {"hessian": synthetic_hessian(PAIR_SHAPES[key])} if method.needs_calibration else {}))
         expected = method.reconstruct(in_memory, deltas[key].shape)
         assert torch.equal(dfile.reconstruct(key), expected), key
         # the same payload after a device move (a copy on CPU-only machines) decodes identically
@@ -172,11 +192,21 @@ NUMEL = ROWS * COLS
 EXPECTED_PAYLOAD_BITS = {
     # 1 sign bit per parameter + one fp32 scale
     "bitdelta": 1 + 32 / NUMEL,
+    # BitDelta's layout (its scales are distilled afterwards, by the runner)
+    "bitdelta_distilled": 1 + 32 / NUMEL,
     # rank ⌊1·512·1024 / (16·1536)⌋ = 21 factors of 1536 fp16 numbers
     "lowrank": 21 * (ROWS + COLS) * 16 / NUMEL,
     # directions of (8·1536+64), (3·1536+64), (2·1536+64) bits: 1 (⌈512·2/4096⌉), 4 (⌈512·32/4096⌉),
     # then ⌊(524288 − 12352 − 4·4672) / 3136⌋ = 157
-    "delta_come": (1 * 12352 + 4 * 4672 + 157 * 3136) / NUMEL,
+    "delta_come_rtn": (1 * 12352 + 4 * 4672 + 157 * 3136) / NUMEL,
+    # bytes, Vᵀ k×1024 and U 512×k per group (8 groups of 128 inputs; one U group while k ≤ 128):
+    # the act-order group of each input, 1024 × 3 bits = 384; S, 2 per direction;
+    # 8 bits, k=2: V 2048 codes + 32 scales + 16 zeros, U 1024 + 1024 + 512 → 4656 (+4 S);
+    # 3 bits, k=32: V 12288 + 512 + 96, U 6144 + 1024 + 192 → 20256 (+64 S);
+    # 2 bits, k: V 256k + 16k + 2k, U 128k + 1024 + 128, S 2k → 404k + 1152 ≤ 65536 − 25364 → k = 96
+    "delta_come": (384 + 4656 + 4 + 20256 + 64 + 404 * 96 + 1152) * 8 / NUMEL,
+    # 2-bit codes of the 2 kept entries of every 4, a 3-bit pattern per 4, fp16 scale + 2-bit zero per row
+    "deltazip": (2 * NUMEL / 2 + 3 * NUMEL / 4 + ROWS * (16 + 2)) / NUMEL,
     # round(0.1·N) = 52429 fp16 values + a 1-bit mask
     "magnitude": 1 + 16 * 52429 / NUMEL,
     # 2-bit codes + an fp16 scale fraction and a 2-bit zero point per 128 entries + the fp32 largest scale
@@ -221,7 +251,8 @@ def test_measured_bits_per_param_match_the_recipe(name, big_pair, tmp_path):
     if name not in EXPECTED_PAYLOAD_BITS and name not in EXPECTED_PAYLOAD_RANGE:
         pytest.skip(f"no hand-computed size for {name!r}: add it to EXPECTED_PAYLOAD_BITS/RANGE")
     out = tmp_path / "d.safetensors"
-    deltadct.compress(*big_pair, method=name, out=out, progress=False, record_errors=False)
+    deltadct.compress(*big_pair, method=name, out=out, progress=False, record_errors=False,
+                      **calibration_options(create_method(name), {"layer.weight": (ROWS, COLS)}))
     info = deltadct.load(out).info()
     assert info["num_params"] == NUMEL
     measured = info["bits_per_param"]

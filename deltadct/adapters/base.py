@@ -33,6 +33,8 @@ class ModelAdapter(abc.ABC):
     name: ClassVar[str]
     #: policy overrides this family needs by default (e.g. {"extra_keys": "keep"} for new task heads)
     policy_defaults: ClassVar[dict] = {}
+    #: what raw calibration samples the family's models take: "text", "image", or None (cannot run)
+    modality: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def load(self, path: PathLike, *, device: str = "cpu") -> nn.Module:
@@ -57,6 +59,12 @@ class ModelAdapter(abc.ABC):
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         """``num`` deterministic model inputs (keyword arguments of ``model``), independent of any data."""
         raise AdapterError(f"adapter {self.name!r} cannot build example inputs")
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        """Model inputs (keyword arguments of ``model``, one sample each) for raw task samples: texts
+        (a string or a tuple of strings, truncated to ``seq_len`` tokens) or PIL images."""
+        raise AdapterError(f"adapter {self.name!r} cannot run its models on calibration data")
 
     def logits(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The model's output logits for ``inputs`` (class or vocabulary axis last)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..checkpoints import describe_keys
 from ..errors import CheckpointError, KeyMismatchError, ShapeMismatchError
-from .base import ModelAdapter, PathLike, checkpoint_path
+from .base import AdapterError, ModelAdapter, PathLike, checkpoint_path
 
 
 @contextlib.contextmanager
@@ -127,6 +127,16 @@ def random_token_ids(processor: Any, model: nn.Module, *, num: int, length: int,
     vocab = min(vocab, model.get_input_embeddings().num_embeddings)
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (num, length), generator=generator)
+
+
+def tokenized(processor: Any, model: nn.Module, samples: list, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """Each text sample (a string, or a tuple of strings for sentence pairs) tokenised on its own, so no
+    padding enters the calibration statistics."""
+    if processor is None:
+        raise AdapterError("calibration needs the tokenizer saved with the checkpoint; none was found")
+    device = model_device(model)
+    return [dict(processor(*(s if isinstance(s, tuple) else (s,)), truncation=True, max_length=seq_len,
+                           return_tensors="pt").to(device)) for s in samples]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from .base import register_adapter
-from .hf import HuggingFaceAdapter, model_device, random_token_ids
+from .hf import HuggingFaceAdapter, model_device, random_token_ids, tokenized
 
 
 @register_adapter
 class SequenceClassificationAdapter(HuggingFaceAdapter):
     name = "hf_seqcls"
+    modality = "text"
     auto_class = "AutoModelForSequenceClassification"
     model_names = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     answers_by = "classify"
@@ -23,3 +24,7 @@ class SequenceClassificationAdapter(HuggingFaceAdapter):
     def example_inputs(self, model: nn.Module, processor: Any, *, num: int, seed: int) -> dict[str, torch.Tensor]:
         ids = random_token_ids(processor, model, num=num, length=32, seed=seed)
         return {"input_ids": ids.to(model_device(model))}
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        return tokenized(processor, model, samples, seq_len)

@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from .base import register_adapter
-from .hf import HuggingFaceAdapter, model_device, random_token_ids
+from .hf import HuggingFaceAdapter, model_device, random_token_ids, tokenized
 
 
 @register_adapter
 class T5Adapter(HuggingFaceAdapter):
     name = "hf_t5"
+    modality = "text"
     auto_class = "AutoModelForSeq2SeqLM"
     model_names = "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"
     answers_by = "generate"
@@ -27,3 +28,10 @@ class T5Adapter(HuggingFaceAdapter):
     def generate(self, model: nn.Module, inputs, *, max_new_tokens: int) -> torch.Tensor:
         # an encoder-decoder's output is the answer alone (after the decoder start token)
         return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        # the encoder reads the sample and the decoder is teacher-forced on it (shifted right behind the
+        # start token), so the decoder's layers see as many positions as the encoder's
+        return [{**inputs, "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=inputs["input_ids"])}
+                for inputs in tokenized(processor, model, samples, seq_len)]

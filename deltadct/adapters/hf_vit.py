@@ -6,13 +6,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import checkpoint_path, register_adapter
+from .base import AdapterError, checkpoint_path, register_adapter
 from .hf import HuggingFaceAdapter, model_device, quiet_transformers
 
 
 @register_adapter
 class HFImageClassificationAdapter(HuggingFaceAdapter):
     name = "hf_vit"
+    modality = "image"
     auto_class = "AutoModelForImageClassification"
     model_names = "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"
     answers_by = "classify"
@@ -54,3 +55,11 @@ class HFImageClassificationAdapter(HuggingFaceAdapter):
         out = model.base_model(pixel_values=pixels)
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        if processor is None:
+            raise AdapterError("calibration needs the image processor saved with the checkpoint; none was found")
+        device = model_device(model)
+        return [{"pixel_values": processor([image], return_tensors="pt")["pixel_values"].to(device)}
+                for image in samples]

@@ -29,6 +29,7 @@ def _create(path: Path, pretrained: bool) -> nn.Module:
 @register_adapter
 class TimmAdapter(ModelAdapter):
     name = "timm_vit"
+    modality = "image"
     answers_by = "classify"
     # A fine-tuned classifier has a new head (another number of classes than the base).
     policy_defaults = {"extra_keys": "keep"}
@@ -66,6 +67,11 @@ class TimmAdapter(ModelAdapter):
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(num, channels, height, width, generator=generator)
         return self.pixel_inputs(pixels.to(next(model.parameters()).device))
+
+    def calibration_inputs(self, model: nn.Module, processor: Any, samples: list, *,
+                           seq_len: int) -> list[dict[str, torch.Tensor]]:
+        device = next(model.parameters()).device
+        return [{"x": processor(image).unsqueeze(0).to(device)} for image in samples]
 
     def logits(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(inputs["x"])

@@ -197,6 +197,9 @@ class Method(abc.ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: whether :meth:`plan` must see every delta before :meth:`compress` (global allocation)
     needs_plan: ClassVar[bool] = False
+    #: whether :meth:`compress` takes ``hessian=``: the Hessian 2·XᵀX/n of the layer's inputs, one row and
+    #: column per column of :func:`as_matrix` of the delta, from calibration data (:mod:`deltadct.calibration`)
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **overrides: Any):
         if isinstance(config, MethodConfig):
@@ -224,7 +227,7 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def compress(self, delta: torch.Tensor, *, name: str = "") -> Compressed:
-        """The file payload of one delta tensor."""
+        """The file payload of one delta tensor; methods with :attr:`needs_calibration` also take ``hessian=``."""
 
     @abc.abstractmethod
     def reconstruct(self, compressed: Compressed, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -65,6 +65,13 @@ def splits(n: int) -> dict[str, np.ndarray]:
     return {"pretrain": perm[:a], "finetune": perm[a:b], "val": perm[b:]}
 
 
+def training_images(task_name: str) -> np.ndarray:
+    """The uint8 images (N, 8, 8) a task was fine-tuned on, as its model saw them (calibration data)."""
+    task = {t.name: t for t in TASKS}[task_name]
+    images, digits = digit_images()
+    return task.transform(images[splits(len(digits))["finetune"]])
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 8, 8) -> normalised float (N, 1, 8, 8), the same as timm's eval transform."""
     x = torch.from_numpy(images).float().div(255.0).unsqueeze(1)
