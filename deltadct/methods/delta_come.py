@@ -134,7 +134,8 @@ class DeltaCoMe(Method):
         options = dict(group_size=c.group_size, damp=c.damp, act_order=c.act_order)
         # every kept direction of Vᵀ in one GPTQ pass, each row at its group's width: the rows share the
         # Hessian and never touch each other, so this is the per-group quantisation done at once
-        widths = torch.tensor([w for w, k in zip(c.bit_widths, ranks, strict=True) for _ in range(k)], device=matrix.device)
+        widths = torch.tensor([w for w, k in zip(c.bit_widths, ranks, strict=True) for _ in range(k)],
+                              device=matrix.device)
         v_all = gptq_quantize(vh[:sum(ranks)], h, bits=widths, **options)
         if stores_group_index(n, c.group_size, c.act_order):
             out.group_index(v_all)
