@@ -1,7 +1,7 @@
 """Per-example outputs of an evaluation, in the compact JSON form result records store.
 
 An evaluator that scores examples one by one keeps its outputs in ``Evaluator.last_examples``
-(``encode_examples(labels=…, predictions=…)``); the runner stores them in the record under
+(``encode_examples("glue:sst2", labels=…, predictions=…)``); the runner stores them in the record under
 ``examples.<evaluator>``, so tables can run paired tests (the same examples under two methods) and
 bootstrap over examples from the result store alone. Small integers (class ids, -1 for an answer
 outside the label set) become one character each (``"0110-2"``); anything else a list of floats
@@ -10,9 +10,12 @@ positions in the full split.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from . import metrics
 
 _DIGITS = "-0123456789"  # character i stands for the integer i - 1
 _VALUE_OF_BYTE = np.zeros(256, dtype=np.int64)
@@ -35,14 +38,44 @@ def _decode(value: str | list) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
-def encode_examples(**columns: Any) -> dict[str, str | list[float]]:
-    """JSON-able per-example columns (all of one length), e.g. ``labels=…, predictions=…``."""
+def encode_examples(scorer: str, **columns: Any) -> dict[str, Any]:
+    """``{"scorer": scorer, "columns": {name: compact values}}`` for per-example columns of one length
+    (None columns are left out); ``scorer`` says how the columns give the evaluator's score
+    (:func:`scorer_of`)."""
+    scorer_of(scorer)  # an unknown scorer is a bug of the evaluator, caught where it is written
     encoded = {name: _encode(values) for name, values in columns.items() if values is not None}
     if len({len(v) for v in encoded.values()}) > 1:
         raise ValueError(f"per-example columns differ in length: { {k: len(v) for k, v in encoded.items()} }")
-    return encoded
+    return {"scorer": scorer, "columns": encoded}
 
 
-def decode_examples(stored: Mapping[str, str | list]) -> dict[str, np.ndarray]:
-    """The arrays :func:`encode_examples` stored (class ids as int64, the rest float64)."""
-    return {name: _decode(value) for name, value in stored.items()}
+def decode_examples(stored: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The columns :func:`encode_examples` stored, as arrays (class ids int64, the rest float64)."""
+    return {name: _decode(value) for name, value in stored["columns"].items()}
+
+
+def scorer_of(scorer: str) -> tuple[tuple[str, ...], Callable[..., float] | None]:
+    """The columns a scorer reads and the metric over them (None: the mean of the one column).
+
+    ``glue:<task>``: GLUE's per-task score of (labels, predictions); ``accuracy``: top-1 accuracy of
+    (labels, predictions); ``mean:<column>``: the mean of that column (e.g. a per-example KL).
+    """
+    kind, _, arg = scorer.partition(":")
+    if kind == "glue" and arg:
+        return ("labels", "predictions"), functools.partial(_glue_score, arg)
+    if kind == "accuracy" and not arg:
+        return ("labels", "predictions"), metrics.accuracy
+    if kind == "mean" and arg:
+        return (arg,), None
+    raise ValueError(f"unknown per-example scorer {scorer!r}")
+
+
+def _glue_score(task: str, labels: np.ndarray, predictions: np.ndarray) -> float:
+    return metrics.glue_metrics(task, labels, predictions)["score"]
+
+
+def score_inputs(stored: Mapping[str, Any]) -> tuple[tuple[np.ndarray, ...], Callable[..., float] | None]:
+    """The arrays and metric that reproduce the evaluator's score from a record's stored examples."""
+    names, metric = scorer_of(stored["scorer"])
+    columns = decode_examples(stored)
+    return tuple(columns[n] for n in names), metric

@@ -154,7 +154,7 @@ class GlueEvaluator(Evaluator):
             predictions = self._generate(model, tokenizer, task, texts, ctx)
         else:
             predictions = self._classify(model, tokenizer, task, texts, ctx)
-        self.last_examples = encode_examples(labels=labels, predictions=predictions,
+        self.last_examples = encode_examples(f"glue:{task.name}", labels=labels, predictions=predictions,
                                              index=keep if len(keep) < len(texts_all) else None)
         return {**glue_metrics(task.name, labels, predictions), "num_examples": float(len(labels))}
 

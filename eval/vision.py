@@ -179,6 +179,6 @@ class VisionEvaluator(Evaluator):
             predictions.extend(logits.argmax(-1).tolist())
         correct = sum(p == y for p, y in zip(predictions, labels_seen))
         accuracy = correct / len(indices) if indices else float("nan")
-        self.last_examples = encode_examples(labels=labels_seen, predictions=predictions,
+        self.last_examples = encode_examples("accuracy", labels=labels_seen, predictions=predictions,
                                              index=indices if len(indices) < len(source) else None)
         return {"accuracy": accuracy, "score": accuracy, "num_examples": float(len(indices))}
