@@ -74,8 +74,19 @@ def _glue_score(task: str, labels: np.ndarray, predictions: np.ndarray) -> float
     return metrics.glue_metrics(task, labels, predictions)["score"]
 
 
+def _is_accuracy(scorer: str) -> bool:
+    kind, _, task = scorer.partition(":")
+    return kind == "accuracy" or (kind == "glue" and set(metrics.glue_metrics(task, [0], [0])) == {"accuracy", "score"})
+
+
 def score_inputs(stored: Mapping[str, Any]) -> tuple[tuple[np.ndarray, ...], Callable[..., float] | None]:
-    """The arrays and metric that reproduce the evaluator's score from a record's stored examples."""
+    """The arrays and metric that reproduce the evaluator's score from a record's stored examples, in
+    the form ``eval.stats`` takes: an accuracy becomes ``(labels, correct)`` with metric None (a mean,
+    resampled in one gather), a mean column ``(column,)``, anything else its columns and metric."""
     names, metric = scorer_of(stored["scorer"])
     columns = decode_examples(stored)
-    return tuple(columns[n] for n in names), metric
+    arrays = tuple(columns[n] for n in names)
+    if _is_accuracy(stored["scorer"]):
+        labels, predictions = arrays
+        return (labels, (labels == predictions).astype(np.float64)), None
+    return arrays, metric

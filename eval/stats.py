@@ -13,7 +13,9 @@ deltas of one zoo seed each), every group on the same or its own examples.
 - :func:`mcnemar_exact`: the exact (binomial) McNemar test on paired correct/wrong outcomes.
 
 Outputs of one group are a tuple of equally long arrays (e.g. ``(labels, predictions)``) handed to
-``metric(*arrays)``; ``metric=None`` means the score is the mean of the single array.
+``metric(*arrays)``; ``metric=None`` means the score is the mean of the last array (e.g. ``(labels,
+correct)`` or ``(kl,)``), which resamples in one vectorised gather. Whether the groups share their
+examples is told by ``shared`` or, when None, read off the first arrays (equal labels = same examples).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def shared_examples(groups: Sequence[Outputs]) -> bool:
 
 
 def _score(arrays: Outputs, metric: Metric) -> float:
-    return float(np.mean(arrays[0])) if metric is None else float(metric(*arrays))
+    return float(np.mean(arrays[-1])) if metric is None else float(metric(*arrays))
 
 
 def resampled_scores(groups: Sequence[Outputs], metric: Metric, indices: Sequence[np.ndarray]) -> np.ndarray:
@@ -73,50 +75,57 @@ def resampled_scores(groups: Sequence[Outputs], metric: Metric, indices: Sequenc
     columns = []
     for arrays, idx in zip(groups, indices):
         if metric is None:  # a mean: one gather for all replicates
-            columns.append(np.asarray(arrays[0], dtype=np.float64)[idx].mean(axis=1))
+            columns.append(np.asarray(arrays[-1], dtype=np.float64)[idx].mean(axis=1))
         else:
             columns.append(np.array([_score(tuple(a[row] for a in arrays), metric) for row in idx]))
     return np.stack(columns, axis=1)
 
 
-def example_indices(groups: Sequence[Outputs], n_resamples: int, rng: np.random.Generator) -> list[np.ndarray]:
+def example_indices(groups: Sequence[Outputs], n_resamples: int, rng: np.random.Generator,
+                    shared: bool | None = None) -> list[np.ndarray]:
     """Bootstrap example indices for each group: one draw shared by all groups when they share their
-    examples, else an independent draw per group."""
-    if shared_examples(groups):
+    examples (``shared``; None: :func:`shared_examples`), else an independent draw per group."""
+    if shared is None:
+        shared = shared_examples(groups)
+    if shared:
+        if len({len(g[0]) for g in groups}) != 1:
+            raise ValueError("groups said to share their examples differ in length")
         n = len(groups[0][0])
-        shared = rng.integers(0, n, size=(n_resamples, n))
-        return [shared] * len(groups)
+        draw = rng.integers(0, n, size=(n_resamples, n))
+        return [draw] * len(groups)
     return [rng.integers(0, len(g[0]), size=(n_resamples, len(g[0]))) for g in groups]
 
 
-def _checked_tasks(tasks: Sequence[tuple[Sequence[Outputs | np.ndarray], Metric]]) -> list[tuple[list[Outputs], Metric]]:
-    checked = [(_as_groups(groups), metric) for groups, metric in tasks]
+def _checked_tasks(tasks: Sequence[tuple]) -> list[tuple[list[Outputs], Metric, bool | None]]:
+    """``(groups, metric[, shared])`` per task, checked; ``shared`` defaults to None (detect)."""
+    checked = [(_as_groups(task[0]), task[1], task[2] if len(task) > 2 else None) for task in tasks]
     if not checked:
         raise ValueError("no tasks to score")
-    if len({len(groups) for groups, _ in checked}) != 1:
+    if len({len(groups) for groups, _, _ in checked}) != 1:
         raise ValueError("every task needs the same seed groups (one per seed, in the same order)")
     return checked
 
 
-def _observed(tasks: list[tuple[list[Outputs], Metric]]) -> np.ndarray:
+def _observed(tasks: list[tuple[list[Outputs], Metric, bool | None]]) -> np.ndarray:
     """``(G,)``: each group's score averaged over the tasks."""
-    return np.mean([[_score(g, metric) for g in groups] for groups, metric in tasks], axis=0)
+    return np.mean([[_score(g, metric) for g in groups] for groups, metric, _ in tasks], axis=0)
 
 
-def _replicates(tasks: list[tuple[list[Outputs], Metric]], n_resamples: int, rng: np.random.Generator,
+def _replicates(tasks: list[tuple[list[Outputs], Metric, bool | None]], n_resamples: int, rng: np.random.Generator,
                 indices: list[list[np.ndarray]] | None = None) -> tuple[np.ndarray, list[list[np.ndarray]]]:
     """``(B, G)`` task-averaged scores on example resamples (each task's examples drawn on their own)
     and the draws used, so a paired partner can be scored on the very same ones."""
     if indices is None:
-        indices = [example_indices(groups, n_resamples, rng) for groups, _ in tasks]
-    scores = np.mean([resampled_scores(groups, metric, idx) for (groups, metric), idx in zip(tasks, indices)], axis=0)
+        indices = [example_indices(groups, n_resamples, rng, shared) for groups, _, shared in tasks]
+    scores = np.mean([resampled_scores(groups, metric, idx) for (groups, metric, _), idx in zip(tasks, indices)],
+                     axis=0)
     return scores, indices
 
 
-def bootstrap_se(groups: Sequence[Outputs | np.ndarray], metric: Metric = None, *,
+def bootstrap_se(groups: Sequence[Outputs | np.ndarray], metric: Metric = None, *, shared: bool | None = None,
                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> float:
     """Standard error of the mean over groups of their score, from resampling examples only."""
-    replicates, _ = _replicates(_checked_tasks([(groups, metric)]), n_resamples, np.random.default_rng(seed))
+    replicates, _ = _replicates(_checked_tasks([(groups, metric, shared)]), n_resamples, np.random.default_rng(seed))
     return float(replicates.mean(axis=1).std(ddof=1))
 
 
@@ -131,17 +140,18 @@ class Interval:
     num_groups: int
 
 
-def mean_ci(groups: Sequence[Outputs | np.ndarray], metric: Metric = None, *, confidence: float = 0.95,
-            n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+def mean_ci(groups: Sequence[Outputs | np.ndarray], metric: Metric = None, *, shared: bool | None = None,
+            confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
     """The mean over seed groups of their score with a ``confidence`` interval that combines the
     Student-t interval over groups and the bootstrap over examples (see the module docstring)."""
-    return mean_ci_over_tasks([(groups, metric)], confidence=confidence, n_resamples=n_resamples, seed=seed)
+    return mean_ci_over_tasks([(groups, metric, shared)], confidence=confidence, n_resamples=n_resamples, seed=seed)
 
 
-def mean_ci_over_tasks(tasks: Sequence[tuple[Sequence[Outputs | np.ndarray], Metric]], *, confidence: float = 0.95,
+def mean_ci_over_tasks(tasks: Sequence[tuple], *, confidence: float = 0.95,
                        n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
-    """:func:`mean_ci` of the average over tasks: ``tasks`` holds ``(groups, metric)`` per task, the
-    groups of every task in the same seed order; seed ``g``'s score is its average over the tasks."""
+    """:func:`mean_ci` of the average over tasks: ``tasks`` holds ``(groups, metric[, shared])`` per
+    task, the groups of every task in the same seed order; seed ``g``'s score is its average over the
+    tasks, and each task's examples are resampled on their own."""
     tasks = _checked_tasks(tasks)
     mean, seed_half = t_interval(_observed(tasks), confidence)
     replicates, _ = _replicates(tasks, n_resamples, np.random.default_rng(seed))
@@ -161,7 +171,7 @@ class PairedTest:
 
 
 def paired_bootstrap(a: Sequence[Outputs | np.ndarray], b: Sequence[Outputs | np.ndarray], metric: Metric = None,
-                     *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> PairedTest:
+                     *, shared: bool | None = None, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> PairedTest:
     """Paired bootstrap test of two methods scored on the same seed groups (``a[g]`` and ``b[g]`` are
     the same delta's seed and the same examples, e.g. ``(labels, predictions)`` with equal labels).
 
@@ -170,17 +180,18 @@ def paired_bootstrap(a: Sequence[Outputs | np.ndarray], b: Sequence[Outputs | np
     replicates, centred on the observed difference d, stand for the null distribution; the p-value is
     ``(1 + #{|d* − d| ≥ |d|}) / (1 + B)`` (two-sided; never 0).
     """
-    return paired_bootstrap_over_tasks([(a, b, metric)], n_resamples=n_resamples, seed=seed)
+    return paired_bootstrap_over_tasks([(a, b, metric, shared)], n_resamples=n_resamples, seed=seed)
 
 
-def paired_bootstrap_over_tasks(tasks: Sequence[tuple[Sequence, Sequence, Metric]], *,
-                                n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> PairedTest:
-    """:func:`paired_bootstrap` of the average over tasks; ``tasks`` holds ``(a_groups, b_groups, metric)``."""
-    tasks_a = _checked_tasks([(a, metric) for a, _, metric in tasks])
-    tasks_b = _checked_tasks([(b, metric) for _, b, metric in tasks])
+def paired_bootstrap_over_tasks(tasks: Sequence[tuple], *, n_resamples: int = DEFAULT_RESAMPLES,
+                                seed: int = 0) -> PairedTest:
+    """:func:`paired_bootstrap` of the average over tasks; ``tasks`` holds ``(a_groups, b_groups,
+    metric[, shared])`` (``shared``: whether a task's seed groups share their examples; None: detect)."""
+    tasks_a = _checked_tasks([(t[0], t[2], t[3] if len(t) > 3 else None) for t in tasks])
+    tasks_b = _checked_tasks([(t[1], t[2], t[3] if len(t) > 3 else None) for t in tasks])
     if len(tasks_a[0][0]) != len(tasks_b[0][0]):
         raise ValueError(f"paired groups differ in number: {len(tasks_a[0][0])} vs {len(tasks_b[0][0])}")
-    for (groups_a, _), (groups_b, _) in zip(tasks_a, tasks_b):
+    for (groups_a, _, _), (groups_b, _, _) in zip(tasks_a, tasks_b):
         for i, (ga, gb) in enumerate(zip(groups_a, groups_b)):
             if len(ga[0]) != len(gb[0]) or (len(ga) > 1 and not np.array_equal(ga[0], gb[0])):
                 raise ValueError(f"group {i}: the two methods were not scored on the same examples")
