@@ -74,6 +74,8 @@ gpt() {  # llm_code and llm_chat map to this same zoo pair as llm_math
 
 seeds() {  # three fine-tunes (zoo seeds) per task on the fast ViT zoo, full validation: mean ± 95% CI, paired tests
   sweep experiment=seeds_vit zoo.mode=fast store.path=results/zoo_vit_fast_seeds/records.jsonl
+  $PY -m experiments.tables --store results/zoo_vit_fast_seeds/records.jsonl --experiment seeds_vit \
+    --metric fidelity/score --no-plots > /dev/null
 }
 
 tables() {
