@@ -59,6 +59,9 @@ class Evaluator(abc.ABC):
 
     def __init__(self, **options: Any):
         self.options = self.Options.from_dict(options)
+        #: per-example outputs of the last ``evaluate`` call (``eval.examples.encode_examples``), or None
+        #: for an evaluator that does not score examples one by one; the runner stores them in the record
+        self.last_examples: dict | None = None
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""GLUE evaluator: the eight tasks the paper reports, for encoder classifiers and text-to-text models.
+"""GLUE evaluator: the eight tasks the paper reports and WNLI, for encoder classifiers and text-to-text models.
 
 Data come from a local folder ``<data_dir>/<task>/<split>.tsv`` (tab-separated, header row, the
 column names of the hub's ``glue`` dataset, labels as ids or label names) when the data spec or the
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .base import EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices
 from .errors import EvalError
+from .examples import encode_examples
 from .metrics import glue_metrics
 
 
@@ -45,6 +46,7 @@ GLUE_TASKS = {t.name: t for t in (
     GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "validation_matched"),
     GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment")),
     GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment")),
+    GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
 )}
 
 
@@ -145,9 +147,9 @@ class GlueEvaluator(Evaluator):
         task = glue_task(ctx.data.get("task", ctx.task))
         tokenizer = require_processor(ctx)
         split = opts.split or ctx.data.get("split") or task.split
-        texts, labels = load_glue_split(task, split, opts.data_dir or ctx.data.get("data_dir"))
-        keep = sample_indices(len(texts), opts.max_samples, opts.seed)
-        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+        texts_all, labels = load_glue_split(task, split, opts.data_dir or ctx.data.get("data_dir"))
+        keep = sample_indices(len(texts_all), opts.max_samples, opts.seed)
+        texts, labels = [texts_all[i] for i in keep], [labels[i] for i in keep]
         adapter = ctx.adapter_for(model)
         if adapter.answers_by == "generate":
             predictions = self._generate(model, adapter, tokenizer, task, texts, ctx)
@@ -156,6 +158,8 @@ class GlueEvaluator(Evaluator):
         else:
             raise EvalError(f"GLUE {task.name}: {adapter.name} models neither classify nor generate answers "
                             "(score language models with the lm_eval evaluator)")
+        self.last_examples = encode_examples(f"glue:{task.name}", labels=labels, predictions=predictions,
+                                             index=keep if len(keep) < len(texts_all) else None)
         return {**glue_metrics(task.name, labels, predictions), "num_examples": float(len(labels))}
 
     def _batches(self, items: list, desc: str):

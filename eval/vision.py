@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .base import EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices
 from .errors import EvalError
+from .examples import encode_examples
 
 
 def load_head(path: str | Path) -> torch.Tensor:
@@ -130,7 +131,8 @@ class VisionEvaluator(Evaluator):
             head = F.normalize(head.to(device), dim=-1)
         indices = sample_indices(len(source), self.options.max_samples, self.options.seed).tolist()
         size = self.options.batch_size
-        correct = 0
+        labels_seen: list[int] = []
+        predictions: list[int] = []
         for start in tqdm(range(0, len(indices), size), desc=f"vision {ctx.task}", unit="batch",
                           disable=not self.options.progress, leave=False):
             batch = indices[start:start + size]
@@ -143,7 +145,10 @@ class VisionEvaluator(Evaluator):
                 logits = F.normalize(features, dim=-1) @ head.T
             else:
                 logits = adapter.logits(model, adapter.pixel_inputs(pixels))
-            labels = torch.tensor([source.labels[i] for i in batch], device=device)
-            correct += int((logits.argmax(-1) == labels).sum())
+            labels_seen.extend(source.labels[i] for i in batch)
+            predictions.extend(logits.argmax(-1).tolist())
+        correct = sum(p == y for p, y in zip(predictions, labels_seen, strict=True))
         accuracy = correct / len(indices) if indices else float("nan")
+        self.last_examples = encode_examples("accuracy", labels=labels_seen, predictions=predictions,
+                                             index=indices if len(indices) < len(source) else None)
         return {"accuracy": accuracy, "score": accuracy, "num_examples": float(len(indices))}

@@ -90,6 +90,8 @@ class ZooConf:
     seed: int = 0
     #: null: $DELTADCT_CACHE, else ~/.cache/deltadct
     cache_dir: Optional[str] = None
+    #: print a line per build step on stderr while a zoo is built (false: quiet)
+    progress: bool = True
 
 
 @dataclass

@@ -77,6 +77,8 @@ class Record:
     budget: dict[str, Any] | None = ABSENT
     #: scale-distilled methods only: steps, learning rate, loss before and after
     distillation: dict[str, Any] | None = ABSENT
+    #: evaluator name -> its per-example outputs (eval/examples.py), for intervals and paired tests
+    examples: dict[str, dict] = ABSENT
     #: keys of a stored record that this class does not name, kept as they were
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -85,9 +85,10 @@ def load_pair(cfg: DictConfig) -> tuple[Path, dict[str, TaskSource]]:
     if model.zoo is not None:
         from experiments.zoo import build_zoo
 
-        entry = build_zoo(model.zoo, cfg.zoo.mode, cfg.zoo.cache_dir, cfg.zoo.seed, progress=cfg.progress)
+        entry = build_zoo(model.zoo, cfg.zoo.mode, cfg.zoo.cache_dir, cfg.zoo.seed, progress=cfg.zoo.progress)
         tasks = {name: TaskSource(Path(t.path), {k: (str(v) if isinstance(v, Path) else v) for k, v in t.data.items()},
-                                  {"metric": t.metric, "finetuned": t.finetuned_score, "base": t.base_score})
+                                  {"metric": t.metric, "finetuned": t.finetuned_score, "base": t.base_score,
+                                   "majority": t.majority_score, "learned": t.learned})
                  for name, t in entry.tasks.items()}
         base = Path(entry.base_path)
     else:
@@ -174,15 +175,21 @@ def provenance() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- evaluation
 
-def evaluate(model: torch.nn.Module, spec: RunSpec, ctx: Any, seed: int, timer: Timer) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, spec: RunSpec, ctx: Any, seed: int, timer: Timer,
+             examples: dict[str, dict] | None = None) -> dict[str, float]:
+    """Every evaluator's metrics, flat as ``<evaluator>/<metric>``; the per-example outputs of those
+    that keep them go into ``examples`` (evaluator name -> compact outputs) when given."""
     from eval import create_evaluator
 
     metrics = {}
     for name, options in spec.evaluators.items():
         torch.manual_seed(seed)
+        evaluator = create_evaluator(name, **options)
         with timer(f"eval/{name}"), torch.no_grad():
-            result = create_evaluator(name, **options).evaluate(model, ctx)
+            result = evaluator.evaluate(model, ctx)
         metrics.update({f"{name}/{k}": float(v) for k, v in result.items()})
+        if examples is not None and evaluator.last_examples is not None:
+            examples[name] = evaluator.last_examples
     return metrics
 
 
@@ -197,7 +204,7 @@ def headline(spec: RunSpec, metrics: dict[str, float]) -> tuple[str, float | Non
 def identity(config: dict[str, Any]) -> dict[str, Any]:
     """The part of the resolved config that decides what a run computes (hashed for skip/resume)."""
     out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "tasks"}
-    out["zoo"] = {k: v for k, v in out["zoo"].items() if k != "cache_dir"}
+    out["zoo"] = {k: v for k, v in out["zoo"].items() if k not in ("cache_dir", "progress")}
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
     if out.get("budget", {}).get("bits") is None:
         out.pop("budget", None)  # runs without a target keep the keys they had before matched bits existed
@@ -278,13 +285,15 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                     if get_method_class(spec.method_name).needs_calibration:
                         hessians = collect_hessians(reference, batches, forward=adapter.logits)
             if task in ref_todo:
-                metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer)
+                examples: dict[str, dict] = {}
+                metrics = evaluate(reference, spec, ctx, spec.method_config.seed, timer, examples)
                 key_name, score = headline(spec, metrics)
                 record = Record(**common, key=record_key(reference_id, task, reference=True),
                                 config_hash=reference_id, task=task, method=REFERENCE_METHOD, method_options={},
                                 score=score, score_key=key_name, metrics=metrics, bits_per_param=None,
                                 zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
-                                time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
+                                examples=examples, time=dt.datetime.now(dt.timezone.utc).isoformat(),
+                                config=config).to_dict()
                 if store.append(record, unless_present=not cfg.force):
                     written.append(record)
                     logger.log_task(record, {})
@@ -312,7 +321,8 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
             with timer("load_model"):
                 model = adapter.load_with_state_dict(source.path, state, device=cfg.device)
             del state
-            metrics = evaluate(model, spec, ctx, spec.method_config.seed, timer)
+            examples = {}
+            metrics = evaluate(model, spec, ctx, spec.method_config.seed, timer, examples)
             del model
             key_name, score = headline(spec, metrics)
             record = Record(**common, key=record_key(method_id, task), config_hash=method_id, task=task,
@@ -328,7 +338,8 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                                     "cuda_max_allocated_mb": _mib(memory.cuda_peak_bytes)},
                             delta_path=str(delta_path) if cfg.keep_deltas else None,
                             distillation=ABSENT if distilled is None else vars(distilled),
-                            time=dt.datetime.now(dt.timezone.utc).isoformat(), config=config).to_dict()
+                            examples=examples, time=dt.datetime.now(dt.timezone.utc).isoformat(),
+                            config=config).to_dict()
             if not cfg.keep_deltas:
                 delta_path.unlink()
             if store.append(record, unless_present=not cfg.force):

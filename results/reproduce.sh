@@ -75,6 +75,12 @@ gpt() {  # llm_code and llm_chat map to this same zoo pair as llm_math
   text_studies llm_math "LLM table on the GPT zoo (stand-in for WizardMath/Llama-2): every method at ~1 bit/param" $GPT
 }
 
+seeds() {  # three fine-tunes (zoo seeds) per task on the fast ViT zoo, full validation: mean ± 95% CI, paired tests
+  sweep experiment=seeds_vit zoo.mode=fast store.path=results/zoo_vit_fast_seeds/records.jsonl
+  $PY -m experiments.tables --store results/zoo_vit_fast_seeds/records.jsonl --experiment seeds_vit \
+    --metric fidelity/score --no-plots > /dev/null
+}
+
 tables() {
   for store in results/*/records.jsonl; do
     study=$(dirname "$store")
@@ -89,10 +95,10 @@ print(' '.join(sorted({r['experiment'] for r in ResultStore(sys.argv[1]).records
   $PY -m experiments.rate_distortion --plot-only --out results/rate_distortion
 }
 
-if [ $# -eq 0 ]; then set -- vit rd minilm t5 gpt tables; fi
+if [ $# -eq 0 ]; then set -- vit rd minilm t5 gpt seeds tables; fi
 for stage in "$@"; do
   case "$stage" in
-    vit|rd|minilm|t5|gpt|tables) "$stage" ;;
-    *) echo "usage: results/reproduce.sh [vit|rd|minilm|t5|gpt|tables]..." >&2; exit 2 ;;
+    vit|rd|minilm|t5|gpt|seeds|tables) "$stage" ;;
+    *) echo "usage: results/reproduce.sh [vit|rd|minilm|t5|gpt|seeds|tables]..." >&2; exit 2 ;;
   esac
 done

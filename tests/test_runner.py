@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 # small and quick: the fast zoo, one task, few eval samples
 FAST = ["model=zoo_vit", "zoo.mode=fast", "tasks=[parity]", "eval.vision.max_samples=64",
-        "eval.reconstruction.num_inputs=2"]
+        "eval.fidelity.max_samples=64", "eval.reconstruction.num_inputs=2"]
 
 
 def _compose(overrides: list[str], *, hydra_config: bool = False):

@@ -90,3 +90,108 @@ def test_ratio_sweep_is_plotted_against_the_2bit_share(tmp_path):
     assert [r[0] for r in rows[1:]] == ["deltadct (ratios=0.1/0.8/0.1)", "deltadct (ratios=0.3/0.4/0.3)",
                                         "deltadct (ratios=0.5/0/0.5)"]
     assert (out / "score_vs_2bit_share.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ intervals, paired tests, unlearned tasks
+
+def _seeded_records(method, accuracies, labels, rng, task="parity", learned=True):
+    """One record per zoo seed whose stored predictions score exactly ``accuracies[seed]``."""
+    from eval.examples import encode_examples
+
+    out = []
+    for seed, acc in enumerate(accuracies):
+        wrong = rng.choice(len(labels), size=round((1 - acc) * len(labels)), replace=False)
+        predictions = labels.copy()
+        predictions[wrong] = 1 - predictions[wrong]
+        score = float((predictions == labels).mean())
+        out.append({"key": f"{method}:{seed}:{task}", "experiment": "exp", "model": "zoo_vit", "family": "vit",
+                    "task": task, "method": method, "method_options": {"seed": 0}, "score": score,
+                    "score_key": "vision/score", "metrics": {"vision/score": score},
+                    "bits_per_param": None if method == REFERENCE_METHOD else 1.0,
+                    "zoo_scores": {"finetuned": 0.52, "base": 0.5, "majority": 0.53, "learned": learned},
+                    "config": {"zoo": {"seed": seed}},
+                    "examples": {"vision": encode_examples("accuracy", labels=labels, predictions=predictions)},
+                    "_correct": (predictions == labels).astype(float)})
+    return out
+
+
+@pytest.fixture
+def seeded():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    records = (_seeded_records(REFERENCE_METHOD, [0.95, 0.96, 0.95], labels, rng)
+               + _seeded_records("bitdelta", [0.80, 0.82, 0.79], labels, rng)
+               + _seeded_records("deltadct", [0.90, 0.91, 0.89], labels, rng)
+               + _seeded_records("dare", [0.80, 0.81, 0.80], labels, rng))
+    return records, labels
+
+
+def test_cells_show_mean_and_interval_over_seeds_and_examples(seeded):
+    import numpy as np
+    from scipy.stats import t as student_t
+
+    records, labels = seeded
+    table = build_table(records)
+    assert table.reference == "bitdelta"
+    st = table.stats()
+    correct = [r["_correct"] for r in records if r["method"] == "deltadct"]
+    interval = st.intervals[("deltadct", "parity")]
+    scores = [c.mean() for c in correct]
+    # the seed part is the Student-t interval written out; the example part a bootstrap of the seed mean,
+    # whose spread is close to the plug-in standard error of the pooled correctness
+    assert interval.mean == pytest.approx(np.mean(scores))
+    assert interval.seed_half_width == pytest.approx(student_t.ppf(0.975, 2) * np.std(scores, ddof=1) / np.sqrt(3))
+    pooled = np.mean(correct, axis=0)
+    assert interval.example_half_width == pytest.approx(1.96 * pooled.std() / np.sqrt(len(labels)), rel=0.1)
+    assert interval.half_width == pytest.approx(np.hypot(interval.seed_half_width, interval.example_half_width))
+    markdown = table.markdown()
+    assert f"| deltadct | {np.mean(scores):.4f} ± {interval.half_width:.4f}**" in markdown
+    assert "p vs bitdelta" in markdown and "Paired bootstrap against bitdelta" in markdown
+    # 0.90 vs 0.80 on 400 examples x 3 seeds is far beyond noise; dare vs bitdelta (0.803 vs 0.803) is not
+    assert st.tests[("deltadct", "avg")].p_value < 0.01 and st.tests[("dare", "parity")].p_value > 0.05
+    assert ("bitdelta", "parity") not in st.tests  # the reference is not tested against itself
+    rows = list(csv.reader(io.StringIO(table.csv())))
+    assert rows[0][-4:] == ["parity ci95", "avg ci95", "parity p vs bitdelta", "avg p vs bitdelta"]
+    by_label = {r[0]: r for r in rows[1:]}
+    assert float(by_label["deltadct"][-4]) == pytest.approx(interval.half_width)
+
+
+def test_reference_option_and_an_unknown_reference(seeded):
+    from experiments.tables import TableError
+
+    records, _ = seeded
+    table = build_table(records, reference="deltadct")
+    assert table.reference == "deltadct" and ("bitdelta", "parity") in table.stats().tests
+    with pytest.raises(TableError, match="reference row 'nope' is not in the table"):
+        build_table(records, reference="nope")
+
+
+def test_unlearned_task_is_left_out_of_the_average_and_averaging_it_is_refused(seeded, tmp_path, capsys):
+    import numpy as np
+
+    from experiments.tables import TableError
+
+    records, labels = seeded
+    rng = np.random.default_rng(1)
+    rte = (_seeded_records(REFERENCE_METHOD, [0.52] * 3, labels, rng, task="rte", learned=False)
+           + _seeded_records("bitdelta", [0.50] * 3, labels, rng, task="rte", learned=False))
+    table = build_table(records + rte)
+    assert table.tasks == ["parity", "rte"] and table.averaged == ["parity"]
+    bitdelta = next(r for r in table.cells() if r[0] == "bitdelta")
+    assert bitdelta[3] == pytest.approx(bitdelta[1])  # avg = parity alone
+    markdown = table.markdown()
+    assert "rte (unlearned)" in markdown
+    assert "rte: left out of avg, unlearned (seed 0: fine-tuned 0.520, base 0.500, majority class 0.530)." in markdown
+    with pytest.raises(TableError, match="refusing to average task 'rte': its records mark it unlearned"):
+        build_table(records + rte, average=["parity", "rte"])
+    store = ResultStore(tmp_path / "r.jsonl")
+    for r in records + rte:
+        store.append({k: v for k, v in r.items() if k != "_correct"})
+    assert main(["--store", str(store.path), "--out", str(tmp_path / "t")]) == 0  # error bars on the plot
+    assert (tmp_path / "t" / "score_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    assert "rte (unlearned)" in capsys.readouterr().out
+    assert main(["--store", str(store.path), "--average", "rte", "--out", str(tmp_path / "t"), "--no-plots"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltadct-tables: error: refusing to average task 'rte'") and "\n" not in err

@@ -21,7 +21,7 @@ from pathlib import Path
 from deltadct.registry import Registry
 from experiments.zoo.common import (
     MODES, BuilderModule, UnknownZooFamilyError, ZooEntry, ZooError, ZooFamily, ZooTask, atomic_build_dir, build_lock,
-    read_manifest, write_manifest, zoo_dir,
+    is_learned, read_manifest, write_manifest, zoo_dir,
 )
 
 __all__ = ["FAMILIES", "MODES", "ZOO_FAMILIES", "ZooEntry", "ZooFamily", "ZooTask", "ZooError", "build_zoo",
@@ -85,12 +85,21 @@ def build_zoo(
         if cached is not None:
             return cached
         start = time.perf_counter()
+        if progress:
+            print(f"deltadct-zoo: building the {family} zoo ({mode} mode, seed {seed}) into {final}; it is "
+                  "cached for later runs", file=sys.stderr, flush=True)
         with atomic_build_dir(final) as out:
             entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final)
+            for task in entry.tasks.values():
+                task.learned = is_learned(task.finetuned_score, task.base_score, task.majority_score)
             write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1), "recipe_version": recipe})
     built = read_manifest(final, recipe)
     if built is None:  # a builder bug, not a user error: say which zoo
         raise ZooError(f"zoo {final} was built but its manifest does not validate")
+    if progress:
+        print(f"deltadct-zoo: built {final.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        for task in built.tasks.values():
+            print("  " + _task_line(task), file=sys.stderr)
     return built
 
 
@@ -112,12 +121,18 @@ def list_zoos(cache_dir: str | Path | None = None) -> list[ZooEntry]:
     return [e for e in entries if e is not None]
 
 
+def _task_line(task: ZooTask) -> str:
+    majority = "" if task.majority_score is None else f"  majority {task.majority_score:7.4f}"
+    verdict = {True: "", False: "  UNLEARNED", None: ""}[task.learned]
+    return (f"{task.name:10s} {task.metric:22s} base {task.base_score:7.4f}  "
+            f"fine-tuned {task.finetuned_score:7.4f}{majority}{verdict}")
+
+
 def _print_entry(entry: ZooEntry) -> None:
     print(f"{entry.family}-{entry.mode}-s{entry.seed}: {entry.root}")
     print(f"  base: {entry.base_path}")
     for task in entry.tasks.values():
-        print(f"  {task.name:10s} {task.metric:22s} base {task.base_score:7.4f}  "
-              f"fine-tuned {task.finetuned_score:7.4f}  {task.path}")
+        print(f"  {_task_line(task)}  {task.path}")
 
 
 def main(argv: list[str] | None = None) -> int:

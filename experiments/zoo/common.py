@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,22 @@ class ZooTask:
     finetuned_score: float
     base_score: float
     data: dict = field(default_factory=dict)
+    #: the metric of always predicting the evaluation set's most frequent label (None: not measured)
+    majority_score: float | None = None
+    #: whether the fine-tune clearly beats its base and the majority class (:func:`is_learned`);
+    #: tables leave unlearned tasks out of averages. None: not judged (a manifest of an older build)
+    learned: bool | None = None
+
+
+#: how much a fine-tune must beat both its base and the majority class by, on the task metric's scale,
+#: to count as learned (3 points: about twice the standard error of an accuracy on 500 examples)
+LEARNED_MARGIN = 0.03
+
+
+def is_learned(finetuned: float, base: float, majority: float | None) -> bool:
+    """Whether ``finetuned`` beats ``base`` and (when known) ``majority`` by :data:`LEARNED_MARGIN`."""
+    bar = max(base, majority) if majority is not None else base
+    return bool(finetuned > bar + LEARNED_MARGIN)
 
 
 @dataclass
@@ -146,6 +163,8 @@ def write_manifest(entry: ZooEntry, extra: dict) -> None:
                 "metric": t.metric,
                 "finetuned_score": t.finetuned_score,
                 "base_score": t.base_score,
+                "majority_score": t.majority_score,
+                "learned": t.learned,
                 "data": _data_to_json(t.data, entry.root),
             }
             for name, t in entry.tasks.items()
@@ -179,6 +198,8 @@ def read_manifest(root: Path, recipe_version: int | None = None) -> ZooEntry | N
                 finetuned_score=float(t["finetuned_score"]),
                 base_score=float(t["base_score"]),
                 data=_data_from_json(t["data"], root),
+                majority_score=None if t.get("majority_score") is None else float(t["majority_score"]),
+                learned=t.get("learned"),
             )
             for name, t in manifest["tasks"].items()
         }
@@ -296,6 +317,9 @@ def train_loop(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
     model.eval()
+    if progress:
+        print(f"{desc}: {steps} steps in {bar.format_dict['elapsed']:.0f} s, final loss "
+              f"{np.mean(tail) if tail else float('nan'):.3f}", file=sys.stderr, flush=True)
     return float(np.mean(tail)) if tail else float("nan")
 
 

