@@ -117,8 +117,8 @@ def _replicates(tasks: list[tuple[list[Outputs], Metric, bool | None]], n_resamp
     and the draws used, so a paired partner can be scored on the very same ones."""
     if indices is None:
         indices = [example_indices(groups, n_resamples, rng, shared) for groups, _, shared in tasks]
-    scores = np.mean([resampled_scores(groups, metric, idx) for (groups, metric, _), idx in zip(tasks, indices, strict=True)],
-                     axis=0)
+    scores = np.mean([resampled_scores(groups, metric, idx)
+                      for (groups, metric, _), idx in zip(tasks, indices, strict=True)], axis=0)
     return scores, indices
 
 
