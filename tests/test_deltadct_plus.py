@@ -19,6 +19,8 @@ from deltadct import quant as Q
 from deltadct.errors import ConfigError
 from deltadct.methods.delta_come import DeltaCoMe
 
+#: the patch codec alone at the paper's shares (the preset adds a low-rank head and drops the DCT)
+PATCH_ONLY = dict(lowrank_bits=0.0, transform="dct", ratios=(0.2, 0.6, 0.2))
 #: J. Max, "Quantizing for minimum distortion" (1960), Table I: positive output levels for N(0, 1)
 MAX_1960 = {1: [0.7979], 2: [0.4528, 1.510], 3: [0.2451, 0.7560, 1.344, 2.152],
             4: [0.1284, 0.3881, 0.6568, 0.9424, 1.256, 1.618, 2.069, 2.733]}
@@ -146,10 +148,12 @@ def test_dc_coded_apart_by_hand():
     assert torch.equal(joined[:, 1:], rest)
 
 
-@pytest.mark.parametrize("options", [dict(quantizer="symmetric"), dict(quantizer="lloyd", rescale="lstsq"),
-                                     dict(quantizer="symmetric", dc_bits=8), dict(transform="dct_rows"),
-                                     dict(quantizer="symmetric", transform="none", range_encoding="fp16"),
-                                     dict(quantizer="symmetric", lowrank_bits=0.5, ratios=(0, 0.5, 0.5))])
+@pytest.mark.parametrize("options", [dict(PATCH_ONLY, quantizer="symmetric"),
+                                     dict(PATCH_ONLY, quantizer="lloyd", rescale="lstsq"),
+                                     dict(PATCH_ONLY, quantizer="symmetric", dc_bits=8),
+                                     dict(PATCH_ONLY, quantizer="minmax", transform="dct_rows"),
+                                     dict(PATCH_ONLY, quantizer="symmetric", transform="none", range_encoding="fp16"),
+                                     dict(), dict(range_encoding="fp16", rescale="lstsq")])
 def test_method_round_trip_file_and_measured_bits(options, tmp_path, real_pair):
     """Through a real file: reconstruct(file) equals the in-memory round trip, and bits/param is the
     file's bytes (the fields of every compressed tensor plus the header) over the parameters."""
@@ -172,11 +176,11 @@ def test_method_round_trip_file_and_measured_bits(options, tmp_path, real_pair):
 def test_lowrank_head_plus_residual_codec(real_deltas):
     """With a head, the reconstruction is Delta-CoMe's head + the patch codec of the residual."""
     delta = real_deltas["2.weight"]
-    plus = deltadct.create_method("deltadct_plus", quantizer="symmetric", lowrank_bits=0.5, ratios=(0, 0.5, 0.5))
+    plus = deltadct.create_method("deltadct_plus", lowrank_bits=0.5, ratios=(0, 0.5, 0.5))
     packed = plus.compress(delta, name="w")
     head = DeltaCoMe(bits=0.5)
     head_part = head.reconstruct(head.compress(delta), delta.shape)
-    residual_codec = deltadct.create_method("deltadct_plus", quantizer="symmetric", ratios=(0, 0.5, 0.5))
+    residual_codec = deltadct.create_method("deltadct_plus", lowrank_bits=0.0, ratios=(0, 0.5, 0.5))
     rest = residual_codec.reconstruct(residual_codec.compress(delta - head_part), delta.shape)
     torch.testing.assert_close(plus.reconstruct(packed, delta.shape), head_part + rest, rtol=0, atol=1e-7)
     assert {k for k in packed.tensors if k.startswith("head_")} == {"head_range", "head_codes"}
@@ -191,7 +195,7 @@ def test_symmetric_one_bit_beats_paper_minmax_on_real_delta(real_deltas):
         m = deltadct.create_method(name, **cfg)
         return float((m.reconstruct(m.compress(delta), delta.shape) - delta).norm() / delta.norm())
 
-    assert err("deltadct_plus", quantizer="symmetric", rescale="none") < err("deltadct")
+    assert err("deltadct_plus", **PATCH_ONLY, quantizer="symmetric", rescale="none") < err("deltadct")
 
 
 @pytest.mark.parametrize("options,match", [
@@ -200,6 +204,7 @@ def test_symmetric_one_bit_beats_paper_minmax_on_real_delta(real_deltas):
     (dict(dc_bits=1), "dc_bits"),
     (dict(dc_bits=9), "dc_bits"),
     (dict(dc_bits=8, transform="none"), "needs transform 'dct'"),
+    (dict(dc_bits=8, transform="dct_rows"), "needs transform 'dct'"),
     (dict(lowrank_bits=-0.5), "lowrank_bits"),
     (dict(transform="wavelet"), "transform"),
 ])
@@ -243,8 +248,8 @@ def test_plus_at_paper_settings_writes_the_paper_codec_fields(real_deltas):
     """deltadct_plus with the paper's quantiser and no head runs the same codec as deltadct."""
     delta = real_deltas["2.weight"]
     paper = deltadct.create_method("deltadct").compress(delta, name="w")
-    plus = deltadct.create_method("deltadct_plus", quantizer="minmax", lowrank_bits=0.0, rescale="mean_abs",
-                                  transform="dct", dc_bits=0).compress(delta, name="w")
+    plus = deltadct.create_method("deltadct_plus", **PATCH_ONLY, quantizer="minmax", rescale="mean_abs",
+                                  dc_bits=0).compress(delta, name="w")
     assert list(paper.tensors) == list(plus.tensors)
     assert all(torch.equal(paper.tensors[k], plus.tensors[k]) for k in paper.tensors)
 

@@ -190,6 +190,9 @@ EXPECTED_PAYLOAD_RANGE = {
     "deltadct": (1.0, 1.0 + 2 / 256 + 12 / 256 + 0.001),
     # its budget is measured on the file itself (header included)
     "deltadct_auto": (0.0, 1.0),
+    # head: Delta-CoMe at 0.5 bit (within one 2-bit direction, 3136 bits, below it); patches: 0.1·2 + 0.3·1
+    # bits of codes, a 2-bit width per patch and one 6-bit scale code per kept patch (40 %), plus scalars
+    "deltadct_plus": (0.5 + 0.5 - 3136 / NUMEL, 0.5 + 0.5 + 2 / 256 + 0.4 * 6 / 256 + 0.001),
 }
 #: JSON header + safetensors index of a one-tensor file: a few KB at most (0.04 bits/param here)
 HEADER_BITS = 0.04

@@ -38,11 +38,17 @@ HEAD_PREFIX = "head_"
 
 @dataclass
 class DeltaDCTPlusConfig(DeltaDCTConfig):
-    quantizer: str = "minmax"
+    # the defaults (1 bit/param of payload: 0.5 in the head, 0.5 in 1-/2-bit patches of the
+    # residual, 60 % of them dropped) are the study's choice; see results/deltadct_plus/README.md
+    ratios: tuple[float, ...] = (0.1, 0.3, 0.6)
+    transform: str = "none"
+    rescale: str = "none"
+    #: per-patch levels: "minmax" (the paper's), "symmetric" or "lloyd" (zero-centred × one scale)
+    quantizer: str = "symmetric"
     #: bits of each kept patch's separately coded DC coefficient (0: coded with the patch); dct only
     dc_bits: int = 0
     #: bits per parameter spent on the low-rank head (0: none), on top of the patch codes
-    lowrank_bits: float = 0.0
+    lowrank_bits: float = 0.5
 
     def codec_options(self) -> dict:
         return {**super().codec_options(), "quantizer": self.quantizer, "dc_bits": self.dc_bits}
