@@ -21,13 +21,15 @@ import torch
 from deltadct.methods import create_method
 
 HERE = Path(__file__).resolve().parent
+#: the patch codec alone at the paper's shares (deltadct_plus's defaults add a head and drop the DCT)
+PATCH_ONLY = {"transform": "dct", "lowrank_bits": 0.0, "ratios": [0.2, 0.6, 0.2], "rescale": "none"}
 #: (label, method, options); the first row is the reference of the ratios
 SETTINGS = [
     ("deltadct (paper)", "deltadct", {}),
-    ("quantizer symmetric", "deltadct_plus", {"quantizer": "symmetric", "rescale": "none"}),
-    ("quantizer lloyd", "deltadct_plus", {"quantizer": "lloyd", "rescale": "none"}),
-    ("symmetric + dc_bits 8", "deltadct_plus", {"quantizer": "symmetric", "rescale": "none", "dc_bits": 8}),
-    ("symmetric, transform none", "deltadct_plus", {"quantizer": "symmetric", "rescale": "none", "transform": "none"}),
+    ("quantizer symmetric", "deltadct_plus", {**PATCH_ONLY, "quantizer": "symmetric"}),
+    ("quantizer lloyd", "deltadct_plus", {**PATCH_ONLY, "quantizer": "lloyd"}),
+    ("symmetric + dc_bits 8", "deltadct_plus", {**PATCH_ONLY, "quantizer": "symmetric", "dc_bits": 8}),
+    ("symmetric, transform none", "deltadct_plus", {**PATCH_ONLY, "quantizer": "symmetric", "transform": "none"}),
     ("delta_come (its head alone)", "delta_come", {"bits": 0.5}),
     ("deltadct_plus (preset)", "deltadct_plus", {}),
 ]
