@@ -51,3 +51,13 @@ def idct2(coefficients: torch.Tensor) -> torch.Tensor:
     rows = dct_matrix(coefficients.shape[-2], dtype=coefficients.dtype, device=coefficients.device)
     cols = dct_matrix(coefficients.shape[-1], dtype=coefficients.dtype, device=coefficients.device)
     return rows.T @ coefficients @ cols
+
+
+def dct_rows(patches: torch.Tensor) -> torch.Tensor:
+    """1-D orthonormal DCT-II along the last axis of ``(..., p, q)`` only (each patch row on its own)."""
+    return patches @ dct_matrix(patches.shape[-1], dtype=patches.dtype, device=patches.device).T
+
+
+def idct_rows(coefficients: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`dct_rows`."""
+    return coefficients @ dct_matrix(coefficients.shape[-1], dtype=coefficients.dtype, device=coefficients.device)

@@ -2,7 +2,7 @@
 # Re-run every committed study on the offline zoo, then rebuild its tables (results/README.md).
 #   results/reproduce.sh              # every stage: vit rd minilm t5 gpt tables (the full zoos build first:
 #                                     # ~1.5 h on 2 busy cores; then about an hour of runs)
-#   results/reproduce.sh vit tables   # some stages; `tables` only rebuilds Markdown/CSV/PNG from the records
+#   results/reproduce.sh vit tables   # some stages (also plus: the Delta-DCT+ study); `tables` only rebuilds Markdown/CSV/PNG from the records
 # Runs already in a store are skipped by the runner, so a killed run resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,6 +81,16 @@ seeds() {  # three fine-tunes (zoo seeds) per task on the fast ViT zoo, full val
     --metric fidelity/score --no-plots > /dev/null
 }
 
+plus() {
+  # Delta-DCT beyond the paper: every codec option at matched measured bits (0.5/1/2) on the fast ViT,
+  # T5 and GPT zoos (where deltadct_plus was chosen), the preset confirmed on the fast MiniLM zoo,
+  # the side-information table, and the speed of each option against the paper's codec
+  $PY -m experiments.deltadct_plus_study --zoo vit t5 gpt --configs choose --out results/deltadct_plus
+  $PY -m experiments.deltadct_plus_study --zoo minilm --configs confirm --out results/deltadct_plus
+  $PY -m experiments.deltadct_plus_study --zoo vit --side-info --out results/deltadct_plus
+  $PY benchmarks/bench_deltadct_plus.py --layers 2 --threads 2
+}
+
 tables() {
   for store in results/*/records.jsonl; do
     study=$(dirname "$store")
@@ -95,10 +105,10 @@ print(' '.join(sorted({r['experiment'] for r in ResultStore(sys.argv[1]).records
   $PY -m experiments.rate_distortion --plot-only --out results/rate_distortion
 }
 
-if [ $# -eq 0 ]; then set -- vit rd minilm t5 gpt seeds tables; fi
+if [ $# -eq 0 ]; then set -- vit rd minilm t5 gpt seeds plus tables; fi
 for stage in "$@"; do
   case "$stage" in
-    vit|rd|minilm|t5|gpt|seeds|tables) "$stage" ;;
-    *) echo "usage: results/reproduce.sh [vit|rd|minilm|t5|gpt|seeds|tables]..." >&2; exit 2 ;;
+    vit|rd|minilm|t5|gpt|seeds|plus|tables) "$stage" ;;
+    *) echo "usage: results/reproduce.sh [vit|rd|minilm|t5|gpt|seeds|plus|tables]..." >&2; exit 2 ;;
   esac
 done

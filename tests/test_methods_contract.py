@@ -230,6 +230,9 @@ EXPECTED_PAYLOAD_RANGE = {
     # one matrix is one third-tier of its own: it drops the mean rate 0.97 → 15729 kept entries
     # (±4σ of the per-level rounding: 16 levels), 4-bit codes + int32 indices, plus the fp32 (min, max)
     "ultradelta": ((round(0.03 * NUMEL) - 8) * 36 / NUMEL, ((round(0.03 * NUMEL) + 8) * 36 + 64 + 8) / NUMEL),
+    # head: Delta-CoMe at 0.5 bit (within one 2-bit direction, 3136 bits, below it); patches: 0.1·2 + 0.3·1
+    # bits of codes, a 2-bit width per patch and one 6-bit scale code per kept patch (40 %), plus scalars
+    "deltadct_plus": (0.5 + 0.5 - 3136 / NUMEL, 0.5 + 0.5 + 2 / 256 + 0.4 * 6 / 256 + 0.001),
 }
 #: JSON header + safetensors index of a one-tensor file: a few KB at most (0.04 bits/param here)
 HEADER_BITS = 0.04

@@ -38,6 +38,8 @@ EXPECTED = {
     "energy_compaction.ipynb": (["energy_compaction.png"],
                                 ["gaussian noise (same shape/std)", "all real deltas",
                                  *(f"task {t}" for t in ("digits", "parity", "geq5", "rotated"))]),
+    "deltadct_plus_ablation.ipynb": (["deltadct_plus_ablation.png"],
+                                     ["| deltadct (paper) |", "| deltadct_plus (preset) |", "KL / paper"]),
     "rate_distortion.ipynb": (["rate_distortion.png"],
                               [f"| {m} |" for m in ("deltadct", "deltadct_auto", "bitdelta", "delta_come",
                                                     "delta_come_rtn", "lowrank", "rtn", "magnitude", "dare", "zero")]),

@@ -27,26 +27,53 @@ PATCH_SIZES_HINT = (8, 16, 32, 64)
 
 
 @dataclass
-class DeltaDCTConfig(MethodConfig):
+class DCTCodecConfig(MethodConfig):
+    """The codec settings every Delta-DCT method shares (see :mod:`deltadct.codec`)."""
+
     #: side of the square patches (the paper uses 8, 16, 32, 64; any positive integer works)
     patch_size: int = 16
+    #: per-patch transform: "dct" (the paper's 2-D DCT), "none", or "dct_rows" (1-D DCT along patch rows)
+    transform: str = "dct"
+    #: layer rescale on load: Eq. 6's mean |Δ| ("mean_abs"), a least-squares factor, or none
+    rescale: str = "mean_abs"
+    #: side information per kept patch: "fp16" min/max (the paper) or "log" codes on a per-layer scale
+    range_encoding: str = "log"
+    range_bits: int = 6
+
+    def max_code_width(self) -> int:
+        """The widest code a patch may get (sizes the allocation map)."""
+        raise NotImplementedError
+
+    def codec_options(self) -> dict:
+        """Keyword arguments of :func:`deltadct.codec.encode_layer` / ``decode_layer``."""
+        return dict(patch_size=self.patch_size, transform=self.transform, range_encoding=self.range_encoding,
+                    range_bits=self.range_bits, max_width=self.max_code_width(), rescale=self.rescale)
+
+    def validate(self) -> None:
+        if self.patch_size < 1:
+            raise ConfigError(f"option 'patch_size': {self.patch_size} must be a positive integer")
+        check_choice("transform", self.transform, codec.TRANSFORMS)
+        check_choice("rescale", self.rescale, ("mean_abs", "none", "lstsq"))
+        check_choice("range_encoding", self.range_encoding, RANGE_ENCODINGS)
+        check_range("range_bits", self.range_bits, 2, 8)
+
+
+@dataclass
+class DeltaDCTConfig(DCTCodecConfig):
     #: share of patches at each width in ``bit_widths`` (highest first); must sum to 1
     ratios: tuple[float, ...] = (0.2, 0.6, 0.2)
     bit_widths: tuple[int, ...] = (2, 1, 0)
     #: average payload bits per parameter the ratios may spend (side information not included)
     budget: float = 1.0
     importance: str = "l2"
-    transform: str = "dct"
-    rescale: str = "mean_abs"
-    #: side information per kept patch: "fp16" min/max (the paper) or "log" codes on a per-layer scale
-    range_encoding: str = "log"
-    range_bits: int = 6
     #: rank patches within each layer, or across all layers (needs a planning pass)
     allocation: str = "layer"
 
+    def max_code_width(self) -> int:
+        return max(self.bit_widths)
+
     def validate(self) -> None:
-        if self.patch_size < 1:
-            raise ConfigError(f"option 'patch_size': {self.patch_size} must be a positive integer")
+        super().validate()
         if len(self.ratios) != len(self.bit_widths):
             raise ConfigError(f"option 'ratios': {list(self.ratios)} needs one share per bit width "
                               f"{list(self.bit_widths)}")
@@ -64,10 +91,6 @@ class DeltaDCTConfig(MethodConfig):
             raise ConfigError(f"option 'ratios': {list(self.ratios)} spend {spent:.4g} bits/param, "
                               f"over the budget of {self.budget:g}")
         check_choice("importance", self.importance, P.IMPORTANCE_METRICS)
-        check_choice("transform", self.transform, ("dct", "none"))
-        check_choice("rescale", self.rescale, ("mean_abs", "none", "lstsq"))
-        check_choice("range_encoding", self.range_encoding, RANGE_ENCODINGS)
-        check_range("range_bits", self.range_bits, 2, 8)
         check_choice("allocation", self.allocation, ("layer", "global"))
 
 
@@ -113,9 +136,7 @@ class DeltaDCT(Method):
                         lambda v: {"budget": v, "ratios": ratios_for_bits(c.ratios, c.bit_widths, v)})
 
     def codec_options(self) -> dict:
-        c = self.config
-        return dict(patch_size=c.patch_size, transform=c.transform, range_encoding=c.range_encoding,
-                    range_bits=c.range_bits, max_width=max(c.bit_widths), rescale=c.rescale)
+        return self.config.codec_options()
 
     def check_shape(self, shape: tuple[int, ...], name: str = "") -> None:
         m, n = matrix_shape(shape)
@@ -170,9 +191,12 @@ class DeltaDCT(Method):
         waits for the host; a global plan's widths are host tensors that differ per layer.
         """
         c = self.config
+        options = self.codec_options()
         return (codec.use_cuda_graphs and c.allocation == "layer"
                 and codec.graph_capturable(device, rows_cols, patch_size=c.patch_size,
-                                           bit_widths=tuple(c.bit_widths), rescale=c.rescale)
+                                           bit_widths=tuple(c.bit_widths), rescale=c.rescale, transform=c.transform,
+                                           quantizer=options.get("quantizer", "minmax"),
+                                           dc_bits=options.get("dc_bits", 0))
                 and not torch.cuda.is_current_stream_capturing())
 
     def _encode(self, delta: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:

@@ -27,44 +27,37 @@ import torch
 from .. import allocation as A
 from .. import codec
 from ..errors import ConfigError
-from ..quant import RANGE_ENCODINGS
 from . import register_method
-from .base import Compressed, MethodConfig, SizeKnob, as_matrix, check_choice, check_range
-from .deltadct import DeltaDCT
+from .base import Compressed, SizeKnob, as_matrix, check_choice, check_range
+from .deltadct import DCTCodecConfig, DeltaDCT
 
 LAYER_WEIGHTINGS = ("uniform", "numel", "norm")
 
 
 @dataclass
-class DeltaDCTAutoConfig(MethodConfig):
+class DeltaDCTAutoConfig(DCTCodecConfig):
     #: total bits per compressed parameter, as ``info()["bits_per_param"]`` measures it on disk
     budget: float = 1.0
-    patch_size: int = 16
     #: widest code a patch may get (widths 0..max_width are considered)
     max_width: int = 4
     #: whose error counts: "uniform" = total squared error, "numel" = sum of per-layer MSE,
     #: "norm" = sum of per-layer relative squared errors
     weighting: str = "uniform"
-    transform: str = "dct"
     #: "lstsq" never increases a layer's error over the planned estimate; see the docs for measurements
     rescale: str = "lstsq"
-    range_encoding: str = "log"
-    range_bits: int = 6
     #: bytes set aside beyond what the caller measures of the file header outside the compressed
     #: layers' entries (``plan(header_bytes=...)``; ``deltadct.compress`` passes it): safetensors
     #: framing and alignment. Callers of ``plan`` that pass no ``header_bytes`` reserve the header here.
     header_reserve_bytes: int = 256
 
+    def max_code_width(self) -> int:
+        return self.max_width
+
     def validate(self) -> None:
+        super().validate()
         check_range("budget", self.budget, 0.0, 16.0, lo_open=True)
-        if self.patch_size < 1:
-            raise ConfigError(f"option 'patch_size': {self.patch_size} must be a positive integer")
         check_range("max_width", self.max_width, 1, 8)
         check_choice("weighting", self.weighting, LAYER_WEIGHTINGS)
-        check_choice("transform", self.transform, ("dct", "none"))
-        check_choice("rescale", self.rescale, ("lstsq", "none", "mean_abs"))
-        check_choice("range_encoding", self.range_encoding, RANGE_ENCODINGS)
-        check_range("range_bits", self.range_bits, 2, 8)
         check_range("header_reserve_bytes", self.header_reserve_bytes, 0)
 
 
@@ -85,11 +78,6 @@ class DeltaDCTAuto(DeltaDCT):
         # its budget is already measured on the file; the search only absorbs what the reserve misses.
         # Much below 0.5 bit/param the allocation maps and headers of small models alone do not fit.
         return SizeKnob("budget", 0.5, float(self.config.max_width), lambda v: {"budget": v})
-
-    def codec_options(self) -> dict:
-        c = self.config
-        return dict(patch_size=c.patch_size, transform=c.transform, range_encoding=c.range_encoding,
-                    range_bits=c.range_bits, max_width=c.max_width, rescale=c.rescale)
 
     # -- byte model of the codec's layout ------------------------------------------------------
     def width_rates(self) -> torch.Tensor:
