@@ -254,7 +254,7 @@ def compress(base: PathLike | CheckpointReader, finetuned: PathLike | Checkpoint
                                  writer)
         if out is None:
             return in_memory(header, writer)
-        with atomic_path(out, overwrite=overwrite, inputs=(base, finetuned)) as tmp:
+        with atomic_path(out, overwrite=overwrite, inputs=_input_paths(base, finetuned)) as tmp:
             writer.finish(tmp, {FORMAT_NAME: canonical_json(header)})
         return load(out, verify=False)
     finally:
