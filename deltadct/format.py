@@ -96,8 +96,7 @@ class DeltaFile:
         """The method that decodes the file, configured as recorded: options the file lacks (added to
         the method after it was written) take the value files of its config version implied."""
         if self._method is None:
-            cls = get_method_class(self.method_name)
-            self._method = cls(cls.Config.from_recorded(self.config, self.config_version))
+            self._method = get_method_class(self.method_name).from_recorded(self.config, self.config_version)
         return self._method
 
     # -- tensors -------------------------------------------------------------------------------
@@ -319,8 +318,7 @@ def _check_header_structure(path: Path, header: dict, index: dict) -> None:
     if not isinstance(header["method"], str) or not isinstance(header["config"], dict):
         raise bad("method must be a string and config an object")
     try:
-        cls = get_method_class(header["method"])
-        cls(cls.Config.from_recorded(header["config"], header.get("config_version", 1)))
+        get_method_class(header["method"]).from_recorded(header["config"], header.get("config_version", 1))
     except DeltaDCTError as err:
         raise FormatError(f"{path}: the header's method {header['method']!r} and config cannot be used "
                           f"({err})") from None

@@ -193,6 +193,10 @@ def test_rtn_zero_point_beats_the_min_max_grid_on_heavy_tails():
     min_max = (lo + np.round((g - lo) / (hi - lo) * 3) * (hi - lo) / 3).reshape(d.shape)
     rel = lambda x: np.linalg.norm(x - d) / np.linalg.norm(d)  # noqa: E731
     assert rel(out) < 0.9 * rel(min_max)
+    # grid=minmax is that min-to-max grid (its fp16-rounded ends, outward), as files of config version 1 hold
+    minmax = run("rtn", d, bits=2, group_size=128, grid="minmax")
+    assert rel(minmax) == pytest.approx(rel(min_max), rel=1e-3)
+    assert rel(out) < 0.9 * rel(minmax)
 
 
 # ------------------------------------------------------------------ UltraDelta (Wang et al., 2025)

@@ -201,6 +201,22 @@ class Method(abc.ABC):
     #: column per column of :func:`as_matrix` of the delta, from calibration data (:mod:`deltadct.calibration`)
     needs_calibration: ClassVar[bool] = False
 
+    @classmethod
+    def from_recorded(cls, values: Mapping[str, Any], version: int = 1) -> "Method":
+        """The method that decodes a file recording ``values`` at config ``version``.
+
+        Usually this class, configured by :meth:`MethodConfig.from_recorded`. A name whose files changed
+        meaning with a config version (``delta_come`` was the data-free variant before version 2)
+        overrides :meth:`decoder_for` to hand older files to the class that wrote them.
+        """
+        decoder = cls.decoder_for(version)
+        return decoder(decoder.Config.from_recorded(values, version))
+
+    @classmethod
+    def decoder_for(cls, version: int) -> type["Method"]:
+        """The class whose decoder reads files of config ``version`` written under this name."""
+        return cls
+
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **overrides: Any):
         if isinstance(config, MethodConfig):
             if overrides:

@@ -47,6 +47,10 @@ from .base import Compressed, Method, MethodConfig, SizeKnob, as_matrix, check_r
 
 @dataclass
 class DeltaCoMeConfig(MethodConfig):
+    # version 2: ``delta_come`` became the published, calibrated algorithm; files of version 1 hold the
+    # data-free variant, now ``delta_come_rtn``, and are decoded by it (:meth:`DeltaCoMe.decoder_for`)
+    VERSION = 2
+
     #: payload budget in bits per parameter, side information included
     bits: float = 1.0
     #: width of each group of singular directions, highest precision (largest singular values) first
@@ -116,6 +120,14 @@ class DeltaCoMe(Method):
     name = "delta_come"
     Config = DeltaCoMeConfig
     needs_calibration = True
+
+    @classmethod
+    def decoder_for(cls, version: int) -> type[Method]:
+        if version < 2:
+            from .delta_come_rtn import DeltaCoMeRTN
+
+            return DeltaCoMeRTN
+        return cls
 
     def size_knob(self) -> SizeKnob:
         # the size stops growing once every direction is kept (at the last group's width)
