@@ -273,7 +273,18 @@ def test_deltadct_equals_the_paper_pipeline(p, shape):
     out = run("deltadct", d, patch_size=p, range_encoding="fp16")
     expected = deltadct_reference(d.astype(np.float64), p)
     # float32 DCTs against float64 ones: a coefficient exactly at a rounding boundary may land on the
-    # neighbouring code; all else agrees to float32 precision
+    # neighbouring code, which moves the entries of that one patch; all else agrees to float32 precision.
+    # How many boundary cases a shape meets depends on the CPU's float32 kernels (AVX2 and AVX-512 sum
+    # in different orders), so the bound is on patches, not on a share of entries.
     close = np.isclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    assert close.mean() >= 0.999
-    assert np.linalg.norm(out - expected) <= 1e-4 * np.linalg.norm(expected)  # 2e-7 measured here
+    rows, cols = np.nonzero(~close)
+    flipped = {(r // p, c // p) for r, c in zip(rows, cols, strict=True)}
+    assert len(flipped) <= 1
+    elsewhere = np.ones(out.shape, dtype=bool)
+    for r, c in flipped:
+        elsewhere[r * p:(r + 1) * p, c * p:(c + 1) * p] = False
+        # one code one step off: a small move of that patch, not a different patch
+        assert np.linalg.norm((out - expected)[~elsewhere]) <= 0.05 * np.linalg.norm(expected)
+    # elsewhere only float32 rounding and the flip's share of the layer's rescale (Eq. 6) remain:
+    # 2e-7 measured without a flip, 1.5e-5 with one
+    assert np.linalg.norm((out - expected)[elsewhere]) <= 1e-4 * np.linalg.norm(expected)
