@@ -29,7 +29,7 @@ import torch
 from ..gptq import dequantize_asymmetric, gptq_quantize
 from . import register_method
 from ._gptq_storage import StreamReader, StreamWriter, check_hessian
-from .base import Compressed, Method, MethodConfig, as_matrix, check_range, matrix_shape
+from .base import Compressed, Method, MethodConfig, SizeKnob, as_matrix, check_range, matrix_shape
 
 #: N:M sparsity: N of every M consecutive input columns are pruned in each row
 PRUNE_N, PRUNE_M = 2, 4
@@ -69,6 +69,10 @@ class DeltaZip(Method):
     name = "deltazip"
     Config = DeltaZipConfig
     needs_calibration = True
+
+    def size_knob(self) -> SizeKnob:
+        # the 2:4 pattern's 3 bits per run of 4 stay: 1.25 bits/param at 1 bit per kept code, 4.75 at 8
+        return SizeKnob("bits", 1, 8, lambda v: {"bits": int(v)}, integer=True)
 
     def compress(self, delta: torch.Tensor, *, name: str = "", hessian: torch.Tensor | None = None) -> Compressed:
         c = self.config
