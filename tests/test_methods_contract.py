@@ -178,7 +178,9 @@ def test_reconstruct_on_cuda_matches_cpu(name):
     on_cpu = method.reconstruct(packed, delta.shape)
     on_gpu = method.reconstruct(packed.to("cuda"), delta.shape)
     assert on_gpu.device.type == "cuda"
-    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-5, atol=1e-9)
+    # the same codes: only float32 summation order differs (cuBLAS vs the CPU's DCT products), a few ulps
+    # of the delta's largest entry (3e-9 of 1e-4-sized entries measured on an H200 for deltadct_auto)
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-5, atol=1e-4 * on_cpu.abs().max().item())
     gpu_packed = compress_one(small_method(name), delta.cuda())
     assert torch.isfinite(method.reconstruct(gpu_packed, delta.shape)).all()
 
