@@ -185,6 +185,19 @@ def test_trained_tokenizer_is_the_same_in_another_process(fast_zoo, family, tmp_
         assert fresh[part] == built[part], part
 
 
+def test_t5_tokenizer_depends_only_on_the_zoos_own_tasks(monkeypatch):
+    """The MiniLM zoo's tasks (MRPC, MNLI, ...) joined GLUE_TASKS after the T5 zoos of this recipe were
+    built; their label words must not enter the T5 tokenizer, or every rebuilt T5 zoo differs."""
+    from experiments.zoo import glue, t5
+
+    sentences = glue.pretraining_sentences()[:300]
+    before = json.loads(t5.train_tokenizer(sentences).backend_tokenizer.to_str())["model"]
+    extra = glue.GlueTask("extra", ("sentence",), "accuracy", ("zyzzyva", "quokka"))
+    monkeypatch.setitem(glue.GLUE_TASKS, "extra", extra)
+    after = json.loads(t5.train_tokenizer(sentences).backend_tokenizer.to_str())["model"]
+    assert after == before and "▁zyzzyva" not in after["vocab"]
+
+
 def test_missing_glue_data_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTADCT_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(ZooDataError, match=r"GLUE sst2 train data not found: no file .*nowhere/glue/sst2/train.tsv"):
