@@ -17,10 +17,11 @@ per fine-tuned delta). A cell shows the mean over seeds ± the 95 % interval tha
 Student-t interval over seeds with a bootstrap over the evaluation examples (from the per-example
 outputs stored in the records); the average column does the same for the per-seed average over
 tasks. Each row is tested against a reference row (``--reference``, default ``bitdelta``) by a paired
-bootstrap over the same seeds and examples: ``*`` marks p < 0.05, ``**`` p < 0.01, and the ``p vs …``
-column gives the average's p-value. A task a record marks unlearned (its fine-tune did not clearly
-beat the base and the majority class) is shown but left out of the average, with a note; asking to
-average it (``--average``) is refused.
+bootstrap over the same seeds and examples (``--test mcnemar``: McNemar's exact test on the
+discordant examples, pooled over seeds and, for the average, over tasks; accuracy cells only):
+``*`` marks p < 0.05, ``**`` p < 0.01, and the ``p vs …`` column gives the average's p-value. A task
+a record marks unlearned (its fine-tune did not clearly beat the base and the majority class) is
+shown but left out of the average, with a note; asking to average it (``--average``) is refused.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
+
 from deltadct.errors import DeltaDCTError
 from deltadct.io import atomic_save_figure, atomic_write_text
 from eval import stats
@@ -42,6 +45,8 @@ from experiments.store import REFERENCE_METHOD, ResultStore
 
 #: the row every other row is tested against when ``--reference`` is not given (if the table has it)
 DEFAULT_REFERENCE = "bitdelta"
+#: the paired tests a table can show against its reference row
+PAIRED_TESTS = ("bootstrap", "mcnemar")
 
 
 class TableError(DeltaDCTError):
@@ -97,6 +102,8 @@ class Table:
     unlearned: dict[str, str] = field(default_factory=dict)
     #: label of the row the others are tested against (None: no test)
     reference: str | None = None
+    #: the paired test against the reference: one of PAIRED_TESTS
+    test: str = "bootstrap"
     statistics: "TableStatistics | None" = None
 
     def header(self) -> list[str]:
@@ -147,7 +154,9 @@ class Table:
             notes.append(f"± = 95 % interval over {st.seeds_text()} (Student-t) combined with a bootstrap over "
                          "evaluation examples.")
         if st.has_tests:
-            notes.append(f"Paired bootstrap against {self.reference} on the same seeds and examples: * p < 0.05, "
+            what = ("McNemar's exact test (accuracy cells; discordant examples pooled over seeds and tasks)"
+                    if self.test == "mcnemar" else "Paired bootstrap")
+            notes.append(f"{what} against {self.reference} on the same seeds and examples: * p < 0.05, "
                          "** p < 0.01.")
         for task, why in self.unlearned.items():
             notes.append(f"{task}: left out of avg, {why}.")
@@ -236,14 +245,14 @@ class TableStatistics:
                 if mine[task] is not None:
                     intervals[(row.label, task)] = _interval([mine[task]])
                     if reference is not None and row.label != table.reference:
-                        test = _paired([mine[task]], [reference[task]])
+                        test = _paired([mine[task]], [reference[task]], table.test)
                         if test is not None:
                             tests[(row.label, task)] = test
             averaged = [mine[t] for t in table.averaged]
             if averaged and None not in averaged and len({tuple(p.seeds) for p in averaged}) == 1:
                 intervals[(row.label, "avg")] = _interval(averaged)
                 if reference is not None and row.label != table.reference:
-                    test = _paired(averaged, [reference[t] for t in table.averaged])
+                    test = _paired(averaged, [reference[t] for t in table.averaged], table.test)
                     if test is not None:
                         tests[(row.label, "avg")] = test
         return cls(intervals, tests, {i.num_groups for i in intervals.values()})
@@ -280,17 +289,37 @@ def _interval(parts: list[_Task]) -> stats.Interval:
     return stats.Interval(mean, half, half, 0.0, len(parts[0].scores))
 
 
-def _paired(mine: list[_Task], reference: list[_Task | None]) -> stats.PairedTest | None:
-    """Paired bootstrap of ``mine`` against ``reference`` over tasks, when both have per-example
-    outputs of the same seeds on the same examples; else None (no test is shown)."""
+def _paired(mine: list[_Task], reference: list[_Task | None], test: str = "bootstrap") -> stats.PairedTest | None:
+    """Paired test of ``mine`` against ``reference`` over tasks, when both have per-example outputs of
+    the same seeds on the same examples; else None (no test is shown)."""
     if any(r is None or r.seeds != m.seeds or m.outputs is None or r.outputs is None
-           for m, r in zip(mine, reference)):
+           for m, r in zip(mine, reference, strict=True)):
         return None
+    if test == "mcnemar":
+        return _mcnemar(mine, reference)
     try:
         return stats.paired_bootstrap_over_tasks([(m.outputs, r.outputs, m.metric, m.shared)
                                                   for m, r in zip(mine, reference)])
     except ValueError:  # other examples (e.g. another eval subset): not pairable
         return None
+
+
+def _mcnemar(mine: list[_Task], reference: list[_Task]) -> stats.PairedTest | None:
+    """McNemar's exact test on the examples where exactly one of the two is right, pooled over every
+    seed group of every task; None unless every part is an accuracy ((labels, correct), no metric)
+    scored on the same examples."""
+    only_mine = only_reference = 0
+    for m, r in zip(mine, reference, strict=True):
+        if m.metric is not None or r.metric is not None:
+            return None
+        for (labels_m, correct_m), (labels_r, correct_r) in zip(m.outputs, r.outputs, strict=True):
+            if not np.array_equal(labels_m, labels_r):
+                return None
+            b, c = stats.mcnemar_counts(correct_m, correct_r)
+            only_mine, only_reference = only_mine + b, only_reference + c
+    difference = float(np.mean([np.mean(m.scores) - np.mean(r.scores) for m, r in zip(mine, reference, strict=True)]))
+    return stats.PairedTest(difference, stats.mcnemar_exact(only_mine, only_reference),
+                            len(mine[0].outputs), 0)
 
 
 def _fmt_value(value: Any) -> str:
@@ -355,13 +384,17 @@ def unlearned_tasks(records: Sequence[dict]) -> dict[str, str]:
 
 
 def build_table(records: Sequence[dict], *, metric: str = "score", title: str | None = None,
-                average: Sequence[str] | None = None, reference: str | None = None) -> Table:
+                average: Sequence[str] | None = None, reference: str | None = None,
+                test: str = "bootstrap") -> Table:
     """Group records into rows (method + the options that vary within that method) and task columns.
 
     ``average``: the tasks the avg column averages (default: those no record marks unlearned; naming
     an unlearned one raises TableError). ``reference``: the row label (or method) the others are
-    tested against; default ``bitdelta`` when the table has that row, else no test.
+    tested against; default ``bitdelta`` when the table has that row, else no test. ``test``: the
+    paired test, ``bootstrap`` or ``mcnemar`` (accuracy cells only).
     """
+    if test not in PAIRED_TESTS:
+        raise TableError(f"unknown paired test {test!r}; choose one of {', '.join(PAIRED_TESTS)}")
     tasks = list(dict.fromkeys(r["task"] for r in records))
     by_method: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -403,7 +436,7 @@ def build_table(records: Sequence[dict], *, metric: str = "score", title: str | 
                              "leave it out of --average")
         averaged = list(average)
     return Table(title, metric, tasks, rows, averaged, {t: unlearned[t] for t in tasks if t not in averaged and t in unlearned},
-                 _reference_label(rows, reference))
+                 _reference_label(rows, reference), test)
 
 
 def _reference_label(rows: Sequence[Row], reference: str | None) -> str | None:
@@ -505,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                                             f"(default {DEFAULT_REFERENCE} when the table has it)")
     parser.add_argument("--average", action="append", metavar="TASK",
                         help="average only these tasks (repeatable; default every task not marked unlearned)")
+    parser.add_argument("--test", choices=PAIRED_TESTS, default="bootstrap",
+                        help="paired test against the reference (default %(default)s; mcnemar: accuracy cells only)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
@@ -518,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltadct-tables: error: no records in {store.path} match the filters", file=sys.stderr)
         return 1
     try:
-        table = build_table(records, metric=args.metric, average=args.average, reference=args.reference)
+        table = build_table(records, metric=args.metric, average=args.average, reference=args.reference,
+                            test=args.test)
     except TableError as err:
         print(f"deltadct-tables: error: {err}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import io
 
 import pytest
@@ -195,3 +196,28 @@ def test_unlearned_task_is_left_out_of_the_average_and_averaging_it_is_refused(s
     assert main(["--store", str(store.path), "--average", "rte", "--out", str(tmp_path / "t"), "--no-plots"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltadct-tables: error: refusing to average task 'rte'") and "\n" not in err
+
+
+def test_mcnemar_pools_the_discordant_examples_of_every_seed(seeded, tmp_path, capsys):
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from experiments.tables import TableError
+
+    records, _ = seeded
+    table = build_table(records, test="mcnemar")
+    mine = [r["_correct"].astype(bool) for r in records if r["method"] == "dare"]
+    ref = [r["_correct"].astype(bool) for r in records if r["method"] == "bitdelta"]
+    b = sum(int(np.sum(m & ~r)) for m, r in zip(mine, ref, strict=True))
+    c = sum(int(np.sum(~m & r)) for m, r in zip(mine, ref, strict=True))
+    test = table.stats().tests[("dare", "parity")]
+    # the exact two-sided binomial test on the pooled discordant pairs, by scipy
+    assert test.p_value == pytest.approx(binomtest(min(b, c), b + c, 0.5).pvalue, abs=1e-12)
+    assert table.stats().tests[("deltadct", "avg")].p_value < 1e-6
+    assert "McNemar's exact test" in table.markdown()
+    with pytest.raises(TableError, match="unknown paired test 'wilcoxon'"):
+        build_table(records, test="wilcoxon")
+    store = tmp_path / "r.jsonl"
+    store.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_correct"}) + "\n" for r in records))
+    assert main(["--store", str(store), "--test", "mcnemar", "--out", str(tmp_path / "t"), "--no-plots"]) == 0
+    assert "McNemar" in capsys.readouterr().out
