@@ -1,13 +1,13 @@
 """Compression time of the GPTQ-based methods on a model-shaped delta, on the CPU or a GPU.
 
-The delta has RoBERTa-base's weight shapes (12 layers × q/k/v/o 768×768, up 3072×768, down
-768×3072; ``--model llama7b``: Llama-2-7B's seven projections per layer), heavy-tailed like a real fine-tuning delta (``bench_shapes.synthetic_delta``). Each
-matrix gets the Hessian H = 2·XᵀX/n of ``--tokens`` synthetic calibration inputs with unequal,
-correlated features (built before timing starts: collecting Hessians is a forward pass of the
-model, not the method). For each method the table gives the total ``compress`` time over all
-matrices, the time per matrix, ``reconstruct`` time, payload bits/param, the relative weight error
-and the relative output error ‖(Δ̂ − Δ)X‖ / ‖ΔX‖ on the calibration inputs; the data-free methods
-of the same size are timed alongside for reference.
+The delta has RoBERTa-base's weight shapes (12 layers × q/k/v/o 768×768, up 3072×768, down 768×3072;
+``--model llama7b``: Llama-2-7B's seven projections per layer), heavy-tailed like a real fine-tuning
+delta (``bench_shapes.synthetic_delta``). Each matrix gets the Hessian H = 2·XᵀX/n of ``--tokens``
+synthetic calibration inputs with unequal, correlated features (built before timing starts:
+collecting Hessians is a forward pass of the model, not the method). For each method the table gives
+the total ``compress`` time over all matrices, the time per matrix, ``reconstruct`` time, payload
+bits/param, the relative weight error and the relative output error ‖(Δ̂ − Δ)X‖ / ‖ΔX‖ on the
+calibration inputs; the data-free methods of the same size are timed alongside for reference.
 
     python benchmarks/bench_gptq.py --threads 1 --out results/benchmarks/cpu-gptq.md
     python benchmarks/bench_gptq.py --layers 2          # a quick look

@@ -34,7 +34,7 @@ def order0_bytes(data: bytes) -> float:
     return float(-(p * np.log2(p)).sum() * len(data) / 8)
 
 
-def field_bytes(family: str, tasks: tuple[str, ...], options: dict) -> tuple[dict[str, bytes], int]:
+def field_bytes(family: str, tasks: tuple[str, ...]) -> tuple[dict[str, bytes], int]:
     """Each field's bytes concatenated over every compressed matrix of the family's pairs, and the
     number of compressed parameters."""
     entry = build_zoo(family, "fast", progress=False)
@@ -42,7 +42,7 @@ def field_bytes(family: str, tasks: tuple[str, ...], options: dict) -> tuple[dic
     params = 0
     for task in tasks:
         dfile = deltadct.compress(entry.base_path, entry.tasks[task].path, "deltadct", progress=False,
-                                  policy=zoo_policy(family), **options)
+                                  policy=zoo_policy(family))
         for name in dfile.names("compressed"):
             params += int(np.prod(dfile.entries[name]["shape"]))
             for field, tensor in dfile.fields(name).items():
@@ -58,7 +58,7 @@ def main() -> None:
              "Bits per compressed parameter of each field: as stored, after zlib -9, after lzma -9, and its "
              "order-0 byte entropy.", ""]
     for family, tasks in PAIRS:
-        fields, params = field_bytes(family, tasks, {})
+        fields, params = field_bytes(family, tasks)
         lines += [f"## {family} fast zoo, tasks {', '.join(tasks)} ({params / 1e6:.2f} M compressed parameters)", "",
                   "| field | stored | zlib | lzma | order-0 entropy |", "|---|---:|---:|---:|---:|"]
         totals = np.zeros(4)

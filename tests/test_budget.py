@@ -110,7 +110,7 @@ def test_every_method_either_has_a_monotone_knob_or_one_size():
             if m.needs_plan:
                 m.plan([("w", delta)])
             # calibrated methods' layout is independent of the Hessian (tests/test_calibration.py)
-            extra = {"hessian": torch.eye(delta.shape[1])} if getattr(m, "needs_calibration", False) else {}
+            extra = {"hessian": torch.eye(delta.shape[1])} if m.needs_calibration else {}
             sizes.append(m.compress(delta, name="w", **extra).payload_bytes)
         assert sizes == sorted(sizes, reverse=knob.decreasing), name
 

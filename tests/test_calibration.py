@@ -18,6 +18,7 @@ from torch import nn
 import deltadct
 from deltadct.calibration import collect_hessians, collect_input_moments
 from deltadct.errors import ConfigError
+from deltadct.gptq import hessian
 from experiments.config import validate
 from experiments.run import identity, run_job
 from experiments.store import ResultStore
@@ -80,16 +81,16 @@ def test_collecting_leaves_the_model_as_it_was():
 # ------------------------------------------------------------------ layout without data
 
 @pytest.mark.parametrize("method", [n for n in deltadct.list_methods()
-                                    if getattr(deltadct.get_method_class(n), "needs_calibration", False)])
+                                    if deltadct.get_method_class(n).needs_calibration])
 def test_a_calibrated_methods_file_layout_does_not_depend_on_the_hessian(method):
     """The matched-bits search sizes calibrated methods with identity Hessians (no data at hand); that is
     exact only if the stored tensors' names, dtypes and shapes depend on the options and shapes alone."""
     gen = torch.Generator().manual_seed(0)
     delta = torch.randn(96, 160, generator=gen) * 1e-3
-    acts = torch.randn(512, 160, generator=gen) * torch.linspace(0.1, 3.0, 160)  # heavy, correlated inputs
+    acts = torch.randn(512, 160, generator=gen) * torch.linspace(0.1, 3.0, 160)  # unequal feature scales
     layouts, values = [], []
-    for hessian in (torch.eye(160), acts.T @ acts / len(acts)):
-        out = deltadct.create_method(method).compress(delta, name="w", hessian=hessian)
+    for h in (torch.eye(160), hessian(acts.T @ acts, len(acts))):
+        out = deltadct.create_method(method).compress(delta, name="w", hessian=h)
         layouts.append({k: (t.dtype, tuple(t.shape)) for k, t in out.tensors.items()})
         values.append(out.payload_bytes)
         assert len(layouts[-1]) > 0

@@ -15,8 +15,6 @@ AVX2 and AVX-512 kernels on this pair.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 import deltadct
-from deltadct.format import FORMAT_NAME, canonical_json
+from deltadct.format import canonical_json, read_header
 
 #: sha256 of (tensor section, compression header) per variant, as deltadct 0.1.0 wrote them
 GOLDEN = {
@@ -71,11 +69,8 @@ def test_paper_deltadct_file_bytes_are_unchanged(variant, tmp_path):
 
 def file_digests(path) -> tuple[str, str]:
     """sha256 of the safetensors index plus data section, and of the header without :data:`RELEASE_KEYS`."""
-    blob = path.read_bytes()
-    size = struct.unpack("<Q", blob[:8])[0]
-    index = json.loads(blob[8:8 + size])
-    header = json.loads(index.pop("__metadata__")[FORMAT_NAME])
+    header, offset, index = read_header(path)
     assert header["base_fingerprint"] and header["content_sha256"]
     described = {k: v for k, v in header.items() if k not in RELEASE_KEYS}
-    tensors = hashlib.sha256(canonical_json(index).encode() + blob[8 + size:]).hexdigest()
+    tensors = hashlib.sha256(canonical_json(index).encode() + path.read_bytes()[offset:]).hexdigest()
     return tensors, hashlib.sha256(canonical_json(described).encode()).hexdigest()
