@@ -38,6 +38,7 @@ LOGGERS = ("none", "wandb")
 CALIBRATION_SOURCES = ("none", "task")
 WANDB_MODES = ("online", "offline", "disabled")
 ZOO_MODES = ("fast", "full")
+ZOO_DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -92,6 +93,9 @@ class ZooConf:
     cache_dir: Optional[str] = None
     #: print a line per build step on stderr while a zoo is built (false: quiet)
     progress: bool = True
+    #: where the zoo is trained when it is not cached: cpu, or cuda for families whose recipe supports
+    #: it (minilm); a GPU-built zoo is another zoo (cached apart, part of a run's identity)
+    device: str = "cpu"
 
 
 @dataclass
@@ -253,6 +257,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"logger.mode {cfg.logger.mode!r} is not one of {list(WANDB_MODES)}")
     if cfg.zoo.mode not in ZOO_MODES:
         raise ConfigError(f"zoo.mode {cfg.zoo.mode!r} is not one of {list(ZOO_MODES)}")
+    if cfg.zoo.device not in ZOO_DEVICES:
+        raise ConfigError(f"zoo.device {cfg.zoo.device!r} is not one of {list(ZOO_DEVICES)}")
     resolve_device(cfg.device)
     budget = cfg.budget
     if budget.bits is not None and not 0 < budget.bits <= 64:

@@ -85,7 +85,8 @@ def load_pair(cfg: DictConfig) -> tuple[Path, dict[str, TaskSource]]:
     if model.zoo is not None:
         from experiments.zoo import build_zoo
 
-        entry = build_zoo(model.zoo, cfg.zoo.mode, cfg.zoo.cache_dir, cfg.zoo.seed, progress=cfg.zoo.progress)
+        entry = build_zoo(model.zoo, cfg.zoo.mode, cfg.zoo.cache_dir, cfg.zoo.seed, progress=cfg.zoo.progress,
+                          device=cfg.zoo.device)
         tasks = {name: TaskSource(Path(t.path), {k: (str(v) if isinstance(v, Path) else v) for k, v in t.data.items()},
                                   {"metric": t.metric, "finetuned": t.finetuned_score, "base": t.base_score,
                                    "majority": t.majority_score, "learned": t.learned})
@@ -205,6 +206,8 @@ def identity(config: dict[str, Any]) -> dict[str, Any]:
     """The part of the resolved config that decides what a run computes (hashed for skip/resume)."""
     out = {k: v for k, v in config.items() if k not in VOLATILE_KEYS and k != "tasks"}
     out["zoo"] = {k: v for k, v in out["zoo"].items() if k not in ("cache_dir", "progress")}
+    if out["zoo"].get("device") == "cpu":
+        out["zoo"].pop("device")  # CPU-built zoos predate the option: their runs keep their keys
     out["eval"] = {k: v for k, v in out["eval"].items() if k in out["model"]["evaluators"]}  # only those that run
     if out.get("budget", {}).get("bits") is None:
         out.pop("budget", None)  # runs without a target keep the keys they had before matched bits existed

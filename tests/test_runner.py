@@ -112,6 +112,22 @@ def test_zoo_recipe_is_part_of_a_runs_identity(monkeypatch):
     assert "zoo" not in identity(OmegaConf.to_container(_compose(["model=roberta_base_glue"]), resolve=True))
 
 
+def test_zoo_build_device_is_part_of_a_runs_identity_and_validated():
+    """A GPU-built zoo holds other checkpoints, so its runs are new runs; CPU runs keep their old keys."""
+    from omegaconf import OmegaConf
+
+    from experiments.run import identity
+    from experiments.store import config_hash
+
+    cpu = OmegaConf.to_container(_compose(["model=zoo_minilm", "method=deltadct"]), resolve=True)
+    cuda = OmegaConf.to_container(_compose(["model=zoo_minilm", "method=deltadct", "zoo.device=cuda"]), resolve=True)
+    assert "device" not in identity(cpu)["zoo"]
+    assert identity(cuda)["zoo"]["device"] == "cuda"
+    assert config_hash(identity(cuda)) != config_hash(identity(cpu))
+    with pytest.raises(ConfigError, match=r"zoo.device 'tpu' is not one of \['cpu', 'cuda'\]"):
+        validate(_compose(["model=zoo_minilm", "zoo.device=tpu"]))
+
+
 def test_bad_method_option_fails_before_any_model_is_loaded(tmp_path):
     cfg = _compose([*FAST, "method=deltadct", "method.patch_size=0", f"zoo.cache_dir={tmp_path / 'cache'}"])
     started = time.perf_counter()

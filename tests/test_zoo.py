@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from experiments.zoo import FAMILIES, ZooError, build_zoo, main
-from experiments.zoo.common import ZooDataError, base_like_state, cache_root, read_manifest
+from experiments.config import ZOO_DEVICES
+from experiments.zoo.common import DEVICES, ZooDataError, base_like_state, cache_root, read_manifest, zoo_dir
 from experiments.zoo.glue import GLUE_TASKS, read_tsv
 
 
@@ -211,6 +212,33 @@ def test_unknown_family_and_mode():
         build_zoo("bert")
     with pytest.raises(ZooError, match="unknown zoo mode 'slow'"):
         build_zoo("vit", mode="slow")
+
+
+def test_zoo_device_is_checked_and_names_its_own_cache_dir(tmp_path):
+    """A GPU-built zoo is another zoo: its own dir; a CPU-only recipe or a missing GPU is a clear error,
+    and nothing is left in the cache."""
+    assert zoo_dir("minilm", "full", 2, tmp_path).name == "minilm-full-s2"
+    assert zoo_dir("minilm", "full", 2, tmp_path, device="cuda").name == "minilm-full-s2-cuda"
+    assert ZOO_DEVICES == DEVICES  # the config's list (kept torch-free) and the builders' agree
+    with pytest.raises(ZooError, match="the vit zoo cannot be built on 'cuda': its recipe trains on cpu"):
+        build_zoo("vit", "fast", cache_dir=tmp_path, device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ZooError, match="zoo device 'cuda' was asked for but torch sees none"):
+            build_zoo("minilm", "fast", cache_dir=tmp_path, device="cuda")
+    assert not (tmp_path / "zoo").exists() or not any((tmp_path / "zoo").iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_minilm_zoo_rebuilds_bit_identical(tmp_path):
+    """Deterministic CUDA build (fixed cuBLAS workspace, math attention kernel): two builds, same bytes."""
+    first = build_zoo("minilm", "fast", cache_dir=tmp_path / "a", progress=False, device="cuda")
+    second = build_zoo("minilm", "fast", cache_dir=tmp_path / "b", progress=False, device="cuda")
+    assert first.root.name == "minilm-fast-s0-cuda"
+    for task in first.tasks:
+        a = load_file(first.tasks[task].path / "model.safetensors")
+        b = load_file(second.tasks[task].path / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_list_prints_scores(fast_zoo, zoo_cache, capsys):

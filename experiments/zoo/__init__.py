@@ -20,7 +20,7 @@ from pathlib import Path
 
 from deltadct.registry import Registry
 from experiments.zoo.common import (
-    MODES, BuilderModule, UnknownZooFamilyError, ZooEntry, ZooError, ZooFamily, ZooTask, atomic_build_dir, build_lock,
+    DEVICES, MODES, BuilderModule, UnknownZooFamilyError, ZooEntry, ZooError, ZooFamily, ZooTask, atomic_build_dir, build_lock,
     is_learned, read_manifest, write_manifest, zoo_dir,
 )
 
@@ -67,16 +67,27 @@ def build_zoo(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    device: str = "cpu",
 ) -> ZooEntry:
-    """The zoo of ``family`` for (mode, seed): from the cache when complete, else built now.
+    """The zoo of ``family`` for (mode, seed, device): from the cache when complete, else built now.
 
     ``mode="fast"`` trains for seconds (tests); ``"full"`` trains for minutes (experiments).
+    ``device="cuda"`` trains on the GPU (families that support it); such a zoo is cached apart from
+    the CPU-built one, whose checkpoints differ in the last bits.
     """
     builder = get_family(family)
     recipe = builder.recipe_version
     if mode not in MODES:
         raise ZooError(f"unknown zoo mode {mode!r}; choose one of {', '.join(MODES)}")
-    final = zoo_dir(family, mode, seed, cache_dir)
+    if device not in builder.devices:
+        raise ZooError(f"the {family} zoo cannot be built on {device!r}: its recipe trains on "
+                       f"{', '.join(builder.devices)}")
+    if device != "cpu":
+        import torch
+
+        if not getattr(torch, device).is_available():
+            raise ZooError(f"zoo device {device!r} was asked for but torch sees none on this machine")
+    final = zoo_dir(family, mode, seed, cache_dir, device)
     cached = read_manifest(final, recipe)
     if cached is not None:
         return cached
@@ -86,13 +97,14 @@ def build_zoo(
             return cached
         start = time.perf_counter()
         if progress:
-            print(f"deltadct-zoo: building the {family} zoo ({mode} mode, seed {seed}) into {final}; it is "
-                  "cached for later runs", file=sys.stderr, flush=True)
+            print(f"deltadct-zoo: building the {family} zoo ({mode} mode, seed {seed}, on {device}) into {final}; "
+                  "it is cached for later runs", file=sys.stderr, flush=True)
         with atomic_build_dir(final) as out:
-            entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final)
+            entry = builder.build(out, mode=mode, seed=seed, progress=progress, final=final, device=device)
             for task in entry.tasks.values():
                 task.learned = is_learned(task.finetuned_score, task.base_score, task.majority_score)
-            write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1), "recipe_version": recipe})
+            write_manifest(entry, {"build_seconds": round(time.perf_counter() - start, 1), "recipe_version": recipe,
+                                   "device": device})
     built = read_manifest(final, recipe)
     if built is None:  # a builder bug, not a user error: say which zoo
         raise ZooError(f"zoo {final} was built but its manifest does not validate")
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("family", choices=(*list_families(), "all"))
     build.add_argument("--mode", choices=MODES, default="fast")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--device", choices=DEVICES, default="cpu",
+                       help="train on this device (cuda: the minilm family; cached apart from CPU builds)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("list", help="list the zoos in the cache with their scores")
     args = parser.parse_args(argv)
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             for family in list_families() if args.family == "all" else (args.family,):
-                _print_entry(build_zoo(family, args.mode, args.cache_dir, args.seed, not args.quiet))
+                _print_entry(build_zoo(family, args.mode, args.cache_dir, args.seed, not args.quiet, args.device))
         else:
             entries = list_zoos(args.cache_dir)
             if not entries:

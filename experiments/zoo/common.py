@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 from deltadct.errors import DeltaDCTError, UnknownNameError
 
 MODES = ("fast", "full")
+#: devices a zoo can be built on; a zoo built on another device holds other checkpoints (another order of
+#: floating-point sums), so its cache dir and its runs' identity say which device built it
+DEVICES = ("cpu", "cuda")
 MANIFEST = "zoo.json"
 MANIFEST_VERSION = 1
 # Keys of ZooTask.data that hold paths; the manifest stores them relative to the zoo dir.
@@ -96,14 +99,22 @@ class ZooFamily(abc.ABC):
         """The version of the training recipe; cached zoos of another version are rebuilt."""
         return 1
 
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices this family's recipe can train on."""
+        return ("cpu",)
+
     @abc.abstractmethod
-    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
-        """Train and save every checkpoint into ``out`` (renamed to ``final`` once complete)."""
+    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path,
+              device: str = "cpu") -> ZooEntry:
+        """Train and save every checkpoint into ``out`` (renamed to ``final`` once complete) on ``device``
+        (one of :attr:`devices`)."""
 
 
 class BuilderModule(ZooFamily):
     """A family whose recipe is a module (``module``) with ``build(out, *, mode, seed, progress, final)``
-    and optionally ``RECIPE_VERSION``, imported only when the family is built (it needs heavy libraries)."""
+    and optionally ``RECIPE_VERSION`` and ``DEVICES`` (a recipe that trains on more than the CPU takes a
+    ``device`` keyword), imported only when the family is built (it needs heavy libraries)."""
 
     module: ClassVar[str]
 
@@ -114,8 +125,14 @@ class BuilderModule(ZooFamily):
     def recipe_version(self) -> int:
         return getattr(self._module(), "RECIPE_VERSION", 1)
 
-    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
-        return self._module().build(out, mode=mode, seed=seed, progress=progress, final=final)
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(getattr(self._module(), "DEVICES", ("cpu",)))
+
+    def build(self, out: Path, *, mode: str, seed: int, progress: bool, final: Path,
+              device: str = "cpu") -> ZooEntry:
+        on_device = {} if device == "cpu" else {"device": device}  # CPU-only recipes take no device argument
+        return self._module().build(out, mode=mode, seed=seed, progress=progress, final=final, **on_device)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -126,8 +143,10 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "deltadct"
 
 
-def zoo_dir(family: str, mode: str, seed: int, cache_dir: str | Path | None = None) -> Path:
-    return cache_root(cache_dir) / "zoo" / f"{family}-{mode}-s{seed}"
+def zoo_dir(family: str, mode: str, seed: int, cache_dir: str | Path | None = None, device: str = "cpu") -> Path:
+    """``<cache>/zoo/<family>-<mode>-s<seed>``, with ``-<device>`` appended for a zoo not built on the CPU."""
+    suffix = "" if device == "cpu" else f"-{device}"
+    return cache_root(cache_dir) / "zoo" / f"{family}-{mode}-s{seed}{suffix}"
 
 
 # ---------------------------------------------------------------- manifest
@@ -264,17 +283,33 @@ def build_threads() -> int:
 
 
 @contextmanager
-def deterministic(seed: int) -> Iterator[None]:
+def deterministic(seed: int, device: str = "cpu") -> Iterator[None]:
     """Seed every RNG a build touches, pick deterministic kernels and a fixed thread count;
-    torch's global settings are restored afterwards."""
+    torch's global settings are restored afterwards.
+
+    On CUDA, cuBLAS is deterministic only with a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, set
+    here unless the user set it, before the build's first matrix product), and attention runs on
+    PyTorch's math kernel (the fused memory-efficient kernel that PyTorch picks on a GPU has a
+    backward pass it declares non-deterministic). Any op with no deterministic kernel fails the build.
+    A CUDA zoo is thus reproducible on one GPU model and library version, but not bit-identical to the
+    CPU one (hence its own cache dir).
+    """
     previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if device != "cpu":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(build_threads())
     try:
-        yield
+        if device == "cpu":
+            yield
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.set_num_threads(previous[1])

@@ -9,6 +9,8 @@ warm Hugging Face cache. The base dir is a bare ``BertModel`` (keys without the 
 no classifier); fine-tuned dirs are ``BertForSequenceClassification`` with their tokenizer.
 Each zoo seed gives every task another fine-tune (head initialisation and batch order), on the
 same evaluation examples, so ``zoo.seed=0,1,2`` yields three distinct deltas per task.
+The recipe also trains on a GPU (``zoo.device=cuda``, ``deltadct-zoo build minilm --device cuda``):
+the same schedule, a zoo of its own (cached as ``minilm-<mode>-s<seed>-cuda``).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ SCHEDULE = {
 }
 #: bumped whenever the schedule or hyper-parameters change, so cached zoos of an older recipe are rebuilt
 RECIPE_VERSION = 3
+DEVICES = ("cpu", "cuda")
 EVAL_BATCH = 64
 
 
@@ -71,26 +74,27 @@ def copy_base(dest: Path) -> None:
                        f"{HUB_ID} in the Hugging Face cache ({str(err).splitlines()[0]})") from None
 
 
-def encode(tokenizer, examples: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+def encode(tokenizer, examples: list[dict], max_length: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     columns = list(zip(*(ex["texts"] for ex in examples)))
-    return tokenizer(*columns, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    enc = tokenizer(*columns, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 @torch.no_grad()
-def predict(model, tokenizer, examples: list[dict], max_length: int) -> list[float]:
+def predict(model, tokenizer, examples: list[dict], max_length: int, device: str = "cpu") -> list[float]:
     """Class ids (argmax), or the regression output of a one-output head."""
     model.eval()
     out: list[float] = []
     for i in range(0, len(examples), EVAL_BATCH):
-        logits = model(**encode(tokenizer, examples[i:i + EVAL_BATCH], max_length)).logits
+        logits = model(**encode(tokenizer, examples[i:i + EVAL_BATCH], max_length, device)).logits
         out.extend(logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist())
     return out
 
 
-def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> ZooEntry:
+def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path, device: str = "cpu") -> ZooEntry:
     base_dir = out / "base"
     tasks = {}
-    with quiet_transformers(), deterministic(seed):
+    with quiet_transformers(), deterministic(seed, device):
         copy_base(base_dir)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         base_state = load_file(base_dir / "model.safetensors")
@@ -101,14 +105,14 @@ def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> Zo
             torch.manual_seed(seed * 1000 + t_i)
             # one output = regression: transformers then trains with mean-squared error on float labels
             model = AutoModelForSequenceClassification.from_pretrained(
-                base_dir, num_labels=len(task.label_words) or 1)
+                base_dir, num_labels=len(task.label_words) or 1).to(device)
             labels_all = torch.tensor([ex["label"] for ex in train],
-                                      dtype=torch.float32 if task.is_regression else torch.long)
+                                      dtype=torch.float32 if task.is_regression else torch.long, device=device)
 
             def loss(step: int, train=train, labels_all=labels_all, batch=batch, max_length=max_length):
                 idx = batch_indices(len(train), batch, step, seed + t_i)
-                enc = encode(tokenizer, [train[i] for i in idx], max_length)
-                return model(**enc, labels=labels_all[torch.from_numpy(idx)]).loss
+                enc = encode(tokenizer, [train[i] for i in idx], max_length, device)
+                return model(**enc, labels=labels_all[torch.from_numpy(idx).to(device)]).loss
 
             train_loop(model, loss, steps, lr, f"minilm: fine-tune {name}", progress)
             path = out / "tasks" / name
@@ -116,9 +120,9 @@ def build(out: Path, *, mode: str, seed: int, progress: bool, final: Path) -> Zo
             tokenizer.save_pretrained(path)
 
             labels = [ex["label"] for ex in val]
-            finetuned = score(task.metric, labels, predict(model, tokenizer, val, max_length))
+            finetuned = score(task.metric, labels, predict(model, tokenizer, val, max_length, device))
             model.load_state_dict(base_like_state(model.state_dict(), base_state))
-            base = score(task.metric, labels, predict(model, tokenizer, val, max_length))
+            base = score(task.metric, labels, predict(model, tokenizer, val, max_length, device))
             tasks[name] = ZooTask(
                 name=name, path=path, metric=task.metric, finetuned_score=finetuned, base_score=base,
                 majority_score=majority_score(task.metric, labels),
