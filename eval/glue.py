@@ -93,11 +93,11 @@ def load_glue_split(task: GlueTask, split: str, data_dir: str | Path | None):
             raise EvalError(f"GLUE {task.name}: no split {split!r} in {data_dir / task.name} "
                             f"(expected {path.name}; found {present or 'no .tsv files'})")
         return read_glue_tsv(path, task)
-    import datasets
-
     try:
+        import datasets
+
         ds = datasets.load_dataset("glue", task.name, split=split)
-    except Exception as err:  # hub or cache failure: the data is just not there
+    except Exception as err:  # no datasets package, hub or cache failure: the data is just not there
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EvalError(f"GLUE {task.name} {split}: datasets.load_dataset('glue', {task.name!r}) failed "
                         f"({reason}); pass data_dir=<folder with {task.name}/{split}.tsv> to use local files")

@@ -4,8 +4,10 @@
 ``split`` (default ``train``) and turns them into model inputs with the pair's adapter:
 
 - GLUE tasks (data kinds ``glue`` and ``glue_text2text``): ``<DATA>/glue/<task>/<split>.tsv`` (the
-  zoo's data dir, ``$DELTADCT_DATA_DIR`` or ``../shared/data``), else ``datasets``' hub ``glue``;
-  text-to-text tasks through the data spec's ``input_template``;
+  zoo's data dir, ``$DELTADCT_DATA_DIR`` or ``../shared/data``); for a zoo task without such a file
+  (QNLI and MNLI have no training file offline) its ``train`` split is what the zoo fine-tuned on
+  (:func:`experiments.zoo.glue.finetune_splits`); else ``datasets``' hub ``glue``; text-to-text
+  tasks through the data spec's ``input_template``;
 - image folders: the ``<split>`` folder next to the evaluation folder, or, for the ViT zoo, the
   images each task was fine-tuned on;
 - ``datasets`` image data: the same dataset at ``split``.
@@ -57,17 +59,20 @@ def _subset(count: int, conf: Any) -> list[int]:
     return sorted(rng.choice(count, size=min(conf.num_samples, count), replace=False).tolist())
 
 
-def _glue_samples(data: dict, task: str, conf: Any) -> list:
+def _glue_samples(data: dict, task: str, zoo: str | None, conf: Any) -> list:
     from eval.errors import EvalError
     from eval.glue import default_template, glue_task, load_glue_split
-    from experiments.zoo.glue import data_root
+    from experiments.zoo.glue import GLUE_TASKS, data_root, finetune_splits
 
     spec = glue_task(data.get("task", task))
     # the zoo's own data dir holds only its evaluation split; the shared GLUE dir has the training split
     candidates = [Path(d) for d in (data.get("data_dir"), data_root() / "glue") if d is not None]
     data_dir = next((d for d in candidates if (d / spec.name / f"{conf.split}.tsv").is_file()), None)
     try:
-        texts, _ = load_glue_split(spec, conf.split, data_dir)
+        if data_dir is None and zoo is not None and conf.split == "train" and spec.name in GLUE_TASKS:
+            texts = [ex["texts"] for ex in finetune_splits(spec.name)[0]]  # a re-split task's training part
+        else:
+            texts, _ = load_glue_split(spec, conf.split, data_dir)
     except EvalError as err:
         raise ConfigError(f"calibration.split {conf.split!r} of GLUE {spec.name} is missing ({err}); set "
                           "calibration.split to a split that exists") from None
@@ -108,7 +113,7 @@ def _image_samples(data: dict, task: str, zoo: str | None, conf: Any) -> list:
 def task_samples(data: dict, task: str, zoo: str | None, conf: Any) -> list:
     """``conf.num_samples`` raw samples (texts or PIL images) of the task's ``conf.split``, fixed by ``conf.seed``."""
     if sample_modality(data, task) == "text":
-        return _glue_samples(data, task, conf)
+        return _glue_samples(data, task, zoo, conf)
     return _image_samples(data, task, zoo, conf)
 
 

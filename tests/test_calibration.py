@@ -169,3 +169,25 @@ def test_bitdelta_distilled_lowers_the_logit_loss_and_keeps_the_layout(tmp_path)
     (plain,) = run_job(initial, run_dir=tmp_path / "plain", store_path=tmp_path / "records.jsonl")
     assert record["file_bytes"] - plain["file_bytes"] < 2048  # same payload: only the header differs
     assert json.dumps(record["method_options"]) != json.dumps(plain["method_options"])
+
+
+def test_a_zoo_task_without_a_training_file_calibrates_on_what_the_zoo_fine_tuned_on(tmp_path):
+    """QNLI has no training file offline: the zoo fine-tunes on a seeded re-split of its validation file,
+    and calibration draws from that training part, never from the held-out evaluation part."""
+    from types import SimpleNamespace
+
+    from experiments.calibration import task_samples
+    from experiments.zoo.glue import QNLI_EVAL_SIZE, finetune_splits, write_eval_data
+
+    train, val = finetune_splits("qnli")
+    assert len(train) == 5463 - QNLI_EVAL_SIZE and len(val) == QNLI_EVAL_SIZE
+    data = {"kind": "glue", "task": "qnli", "data_dir": str(write_eval_data(tmp_path, "qnli", val))}
+    conf = SimpleNamespace(split="train", num_samples=16, seed=0)
+    samples = task_samples(data, "qnli", "minilm", conf)
+    train_texts, val_texts = {ex["texts"] for ex in train}, {ex["texts"] for ex in val}
+    assert len(samples) == len(set(samples)) == 16
+    assert all(s in train_texts and s not in val_texts for s in samples)
+    assert task_samples(data, "qnli", "minilm", conf) == samples  # fixed by the seed
+    # a hub/local pair has no zoo re-split to fall back on: the missing split stays a clear error
+    with pytest.raises(ConfigError, match="calibration.split 'train' of GLUE qnli is missing"):
+        task_samples(data, "qnli", None, conf)
