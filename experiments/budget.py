@@ -41,10 +41,13 @@ UNREACHABLE = ("error", "closest")
 
 def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float, *,
                 tolerance: float = 0.01, max_trials: int = 24, method: str = "method",
-                unreachable: str = "error") -> KnobMatch:
+                unreachable: str = "error", hint: float | None = None) -> KnobMatch:
     """The knob value whose measured bits/param is within ``tolerance`` (relative) of ``target``.
 
-    Measures both ends of the knob's range first: a target outside them raises :class:`ConfigError`
+    ``hint``: a value to measure first (the one chosen for another model of the pair, whose tasks
+    mostly share their shapes); when it hits the target the search ends after that one trial, else
+    it stays among the trials and the search goes on as without it. Then it measures both ends of
+    the knob's range: a target outside them raises :class:`ConfigError`
     (``unreachable="closest"``: returns the nearer end). Then narrows the bracket by secant steps on the
     measured sizes, falling back to bisection when a step lands near a bracket end (step-wise sizes). Stops at
     the first hit, when the bracket closes (integer knobs: neighbours; others: 10⁻⁴ of the range, where a
@@ -59,6 +62,10 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
             seen[value] = float(measure(value))
         return seen[value]
 
+    if hint is not None:
+        value = float(round(hint) if knob.integer else hint)
+        if hits(trial(value), target, tolerance):
+            return KnobMatch(value, seen[value], tuple(seen.items()))
     ends = {knob.low: trial(knob.low), knob.high: trial(knob.high)}
     smallest, largest = min(ends.values()), max(ends.values())
     if not smallest * (1 - tolerance) <= target <= largest * (1 + tolerance):
@@ -99,12 +106,13 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
 
 
 def match_budget(method_name: str, method_config: MethodConfig, budget: Any,
-                 measure_options: Callable[[dict[str, Any]], float]) -> tuple[MethodConfig, dict[str, Any]]:
+                 measure_options: Callable[[dict[str, Any]], float],
+                 hint: float | None = None) -> tuple[MethodConfig, dict[str, Any]]:
     """The config a matched-bits run compresses with, and what the record says about the search.
 
     ``measure_options(options)`` compresses with those method options (in memory) and returns
     ``bits_per_param``; ``budget`` is the runner's ``budget`` section (bits, tolerance, max_trials,
-    unreachable).
+    unreachable); ``hint`` the knob value to try first (:func:`search_knob`).
     The record part gets ``bits`` and ``hit`` from the written file later (:func:`finish_record`).
     """
     method = get_method_class(method_name)(method_config)
@@ -116,7 +124,7 @@ def match_budget(method_name: str, method_config: MethodConfig, budget: Any,
     base_options = method_config.to_dict()
     match = search_knob(lambda v: measure_options({**base_options, **knob.options(v)}), knob, float(budget.bits),
                         tolerance=float(budget.tolerance), max_trials=int(budget.max_trials), method=method_name,
-                        unreachable=budget.unreachable)
+                        unreachable=budget.unreachable, hint=hint)
     chosen = knob.options(match.value)
     config = type(method_config).from_dict({**base_options, **chosen})
     record.update(knob=knob.name, knob_value=match.value, trials=len(match.trials),

@@ -260,7 +260,10 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     # target leaves the store as it was
     configs = {task: (spec.method_config, None) for task in todo}
     if cfg.budget.bits is not None:
-        configs = {task: match_task_budget(cfg, spec, pair_key, base, tasks[task].path) for task in todo}
+        hint = None  # the tasks of a pair mostly share their shapes: each search starts where the last ended
+        for task in todo:
+            configs[task] = match_task_budget(cfg, spec, pair_key, base, tasks[task].path, hint)
+            hint = configs[task][1]["knob_value"]
 
     adapter = create_adapter(cfg.model.adapter)
     calibrated = uses_calibration(get_method_class(spec.method_name))
@@ -355,9 +358,10 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     return written
 
 
-def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path,
-                      finetuned: Path) -> tuple[Any, dict[str, Any]]:
-    """The method config whose file for this task measures ``budget.bits`` (experiments/budget.py)."""
+def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path, finetuned: Path,
+                      hint: float | None = None) -> tuple[Any, dict[str, Any]]:
+    """The method config whose file for this task measures ``budget.bits`` (experiments/budget.py),
+    trying the knob value ``hint`` first."""
     base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
     ft_reader = SHARED.get(pair_key, ("checkpoint", str(finetuned)), lambda: open_checkpoint(finetuned))
 
@@ -371,7 +375,7 @@ def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path,
                                  policy=spec.policy, progress=False, calibration=hessians,
                                  **options).info()["bits_per_param"]
 
-    config, record = match_budget(spec.method_name, spec.method_config, cfg.budget, measure)
+    config, record = match_budget(spec.method_name, spec.method_config, cfg.budget, measure, hint)
     if record["knob"] is not None:
         print(f"deltadct-run: {finetuned.name}: {spec.method_name} at {record['knob']}={record['knob_value']:.6g} "
               f"for budget.bits={record['target']:g} ({record['trials']} trials)", file=sys.stderr)

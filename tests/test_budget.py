@@ -15,7 +15,7 @@ from deltadct.errors import ConfigError
 from deltadct.methods import create_method, list_methods
 from deltadct.methods.base import SizeKnob
 from deltadct.methods.deltadct import ratios_for_bits
-from experiments.budget import search_knob
+from experiments.budget import hits, search_knob
 from experiments.config import register_configs
 from experiments.store import ResultStore
 from experiments.tables import build_table, select
@@ -55,6 +55,22 @@ def test_search_hits_a_smooth_increasing_size_within_tolerance():
     assert abs(match.bits - 1.0) <= 0.01
     assert match.value == pytest.approx(((1.0 - 0.05) / 2.0) ** (2 / 3), rel=0.01)
     assert size.calls == len(match.trials) <= 12
+
+
+def test_a_hint_that_hits_ends_the_search_after_one_trial_and_one_that_misses_changes_nothing():
+    knob = SizeKnob("x", 0.0, 4.0, lambda v: {"x": v})
+    fn = lambda v: 0.05 + 2.0 * v ** 1.5  # noqa: E731
+    cold = search_knob(Counted(fn), knob, 1.0, tolerance=0.01)
+    size = Counted(fn)
+    warm = search_knob(size, knob, 1.0, tolerance=0.01, hint=cold.value)
+    assert (warm.value, warm.bits, size.calls, len(warm.trials)) == (cold.value, cold.bits, 1, 1)
+    # another model's value that is off here (its sizes are 10 % larger): one wasted trial at most, same answer
+    off = Counted(lambda v: 1.1 * fn(v))
+    reference = search_knob(Counted(lambda v: 1.1 * fn(v)), knob, 1.0, tolerance=0.01)
+    missed = search_knob(off, knob, 1.0, tolerance=0.01, hint=cold.value)
+    assert not hits(1.1 * fn(cold.value), 1.0, 0.01)
+    assert abs(missed.bits - 1.0) <= 0.01 and off.calls <= len(reference.trials) + 1
+    assert cold.value in dict(missed.trials)
 
 
 def test_search_on_a_decreasing_knob():
@@ -142,6 +158,18 @@ def test_matched_bits_run_hits_the_target_on_the_written_file(method, tmp_path):
     assert budget["knob_value"] is not None and budget["trials"] >= 3
     table = build_table(select(ResultStore(store).records()))
     assert [row.label for row in table.rows] == [f"{method} (bits_target=1.5)"]
+
+
+def test_later_tasks_of_a_pair_start_their_search_at_the_value_chosen_before(tmp_path):
+    """parity and geq5 share every shape (two-class heads): the second search is one trial, still a hit."""
+    from experiments.run import run_job
+
+    overrides = [o for o in FAST if not o.startswith("tasks=")]
+    cfg = _compose([*overrides, "tasks=[parity,geq5]", "method=magnitude", "budget.bits=1.5"])
+    first, second = run_job(cfg, run_dir=tmp_path / "run", store_path=tmp_path / "records.jsonl")
+    assert first["budget"]["trials"] >= 3 and second["budget"]["trials"] == 1
+    assert second["budget"]["knob_value"] == first["budget"]["knob_value"]
+    assert first["budget"]["hit"] and second["budget"]["hit"]
 
 
 def test_a_method_of_one_size_is_reported_as_it_is_and_marked(tmp_path):
