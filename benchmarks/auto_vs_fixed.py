@@ -108,7 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tasks", type=int, default=None, help="at most this many tasks per zoo")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     parser.add_argument("--reserve", type=int, default=None,
-                        help="deltadct_auto header_reserve_bytes (default: the method's; compress() measures the header)")
+                        help="deltadct_auto header_reserve_bytes "
+                             "(default: the method's; compress() measures the header)")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     if args.pair:

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         t_reconstruct = best_time(reconstruct, args.repeats)
         bits = sum(c.payload_bytes for c in packed.values()) * 8 / params
         rows.append((label, t_compress, t_reconstruct, bits))
-        print(f"{label:30s} compress {t_compress:.3f} s  reconstruct {t_reconstruct:.3f} s  payload {bits:.3f} bits/param",
+        print(f"{label:30s} compress {t_compress:.3f} s  reconstruct {t_reconstruct:.3f} s  "
+              f"payload {bits:.3f} bits/param",
               file=sys.stderr, flush=True)
     ref_c, ref_r = rows[0][1], rows[0][2]
     lines = [f"Delta-DCT+ options vs the paper's Delta-DCT: RoBERTa-base-shaped synthetic deltas, {args.layers} "

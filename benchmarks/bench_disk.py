@@ -116,7 +116,7 @@ def build_pair(root: Path, model: str, layers: int, device: torch.device) -> tup
     shards.append(current)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if sharded \
         else ["model.safetensors"]
-    for file, names in zip(files, shards):
+    for file, names in zip(files, shards, strict=True):
         base, ft = {}, {}
         for name in names:
             w = torch.randn(shapes[name], generator=gen, device=device).mul_(0.02)
@@ -131,7 +131,7 @@ def build_pair(root: Path, model: str, layers: int, device: torch.device) -> tup
     for directory in (base_dir, ft_dir):
         (directory / "config.json").write_text(json.dumps(config))
         if sharded:
-            weight_map = {name: file for file, names in zip(files, shards) for name in names}
+            weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
             (directory / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {}, "weight_map": weight_map}))
     (root / "complete").touch()
@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     codec = {m: codec_in_memory(base_dir, ft_dir, m, device) for m in ("deltadct", "bitdelta")}
     load_after = os.getloadavg()
 
-    largest = max(torch.Size(s).numel() for s in MODELS[args.model][0](layers).values()) * MODELS[args.model][2].itemsize
+    shapes, _, dtype = MODELS[args.model][:3]
+    largest = max(torch.Size(s).numel() for s in shapes(layers).values()) * dtype.itemsize
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     lines = [
         f"# Disk to disk: {args.model} ({layers} layers) on {device.type} ({name}, {os.cpu_count()} cores)",

@@ -135,7 +135,7 @@ def run_method(label: str, name: str, cfg: dict, deltas: list[tuple[str, torch.T
                 packed.append(method.compress(d.float(), name=tname))
             synchronize(device)
             t1, c1 = time.perf_counter(), time.process_time()
-            for (_, d), comp in zip(deltas, packed):
+            for (_, d), comp in zip(deltas, packed, strict=True):
                 method.reconstruct(comp, tuple(d.shape))
             synchronize(device)
             t2, c2 = time.perf_counter(), time.process_time()
@@ -147,7 +147,7 @@ def run_method(label: str, name: str, cfg: dict, deltas: list[tuple[str, torch.T
     payload = sum(c.payload_bytes for c in packed)
     # error on a few matrices only (it costs a reconstruction each)
     errs = []
-    for (_, d), comp in list(zip(deltas, packed))[:: max(1, len(deltas) // 7)]:
+    for (_, d), comp in list(zip(deltas, packed, strict=True))[:: max(1, len(deltas) // 7)]:
         ref = d.float()
         errs.append(float(torch.linalg.vector_norm(method.reconstruct(comp, tuple(d.shape)) - ref)
                           / torch.linalg.vector_norm(ref)))

@@ -110,7 +110,7 @@ def main() -> int:
             kernels.PATCHES_PER_PROGRAM[p], kernels.NUM_WARPS[p] = g, w
             try:
                 times, outputs = run_config(matrix, p, widths, counts, ranks)
-            except Exception as exc:  # e.g. out of shared memory or registers at this size
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory or registers at this size
                 print(f"| {g} | {w} | failed: {type(exc).__name__} |")
                 continue
             print(f"| {g} | {w} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {same(outputs, reference)} |")

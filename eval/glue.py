@@ -97,7 +97,7 @@ def load_glue_split(task: GlueTask, split: str, data_dir: str | Path | None):
         import datasets
 
         ds = datasets.load_dataset("glue", task.name, split=split)
-    except Exception as err:  # no datasets package, hub or cache failure: the data is just not there
+    except Exception as err:  # noqa: BLE001 - no datasets package, hub or cache failure: the data is just not there
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EvalError(f"GLUE {task.name} {split}: datasets.load_dataset('glue', {task.name!r}) failed "
                         f"({reason}); pass data_dir=<folder with {task.name}/{split}.tsv> to use local files")
@@ -178,7 +178,7 @@ class GlueEvaluator(Evaluator):
         device = next(model.parameters()).device
         predictions: list[float] = []
         for batch in self._batches(texts, f"glue {task.name}"):
-            enc = tokenizer(*zip(*batch), truncation=True, max_length=max_length, padding="longest",
+            enc = tokenizer(*zip(*batch, strict=True), truncation=True, max_length=max_length, padding="longest",
                             return_tensors="pt").to(device)
             logits = adapter.logits(model, enc)
             predictions.extend(logits[:, 0].tolist() if task.label_names is None else logits.argmax(-1).tolist())
@@ -198,7 +198,7 @@ class GlueEvaluator(Evaluator):
         predictions: list[float] = []
         for batch in self._batches(texts, f"glue {task.name}"):
             try:
-                prompts = [template.format(**dict(zip(task.text_columns, t))) for t in batch]
+                prompts = [template.format(**dict(zip(task.text_columns, t, strict=True))) for t in batch]
             except (KeyError, IndexError) as err:
                 raise EvalError(f"input_template {template!r} uses a field GLUE {task.name} does not have "
                                 f"({err}); fields: {list(task.text_columns)}") from None

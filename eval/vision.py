@@ -74,7 +74,7 @@ class ImageSource:
 
         try:
             ds = datasets.load_dataset(data["path"], data.get("name"), split=data.get("split", "validation"))
-        except Exception as err:  # hub/cache failures: the data is just not there
+        except Exception as err:  # noqa: BLE001 - hub/cache failures: the data is just not there
             raise EvalError(f"datasets.load_dataset({data['path']!r}) failed: {str(err).splitlines()[0]}") from None
         label_column = data.get("label_column", "label")
         feature = ds.features.get(label_column)

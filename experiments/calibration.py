@@ -79,7 +79,7 @@ def _glue_samples(data: dict, task: str, zoo: str | None, conf: Any) -> list:
     chosen = [texts[i] for i in _subset(len(texts), conf)]
     if data.get("kind") == "glue_text2text":
         template = data.get("input_template") or default_template(spec)
-        return [template.format(**dict(zip(spec.text_columns, t))) for t in chosen]
+        return [template.format(**dict(zip(spec.text_columns, t, strict=True))) for t in chosen]
     return [t if len(t) > 1 else t[0] for t in chosen]
 
 

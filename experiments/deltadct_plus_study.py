@@ -183,11 +183,12 @@ class Zoo:
         texts, labels = load_glue_split(task, ctx.data.get("split", "validation"), ctx.data.get("data_dir"))
         tok = ctx.processor
         if self.family == "minilm":
-            enc = tok(*zip(*texts), truncation=True, max_length=ctx.data.get("max_length", 128), padding="longest",
+            enc = tok(*zip(*texts, strict=True), truncation=True, max_length=ctx.data.get("max_length", 128),
+                      padding="longest",
                       return_tensors="pt")
             return F.log_softmax(model(**enc).logits.float(), -1)
         if self.family == "t5":
-            prompts = [ctx.data["input_template"].format(**dict(zip(task.text_columns, t))) for t in texts]
+            prompts = [ctx.data["input_template"].format(**dict(zip(task.text_columns, t, strict=True))) for t in texts]
             enc = tok(prompts, truncation=True, max_length=ctx.data.get("max_input_length", 96), padding="longest",
                       return_tensors="pt")
             words = tok([ctx.data["label_words"][int(y)] for y in labels], padding="longest", return_tensors="pt")
@@ -209,7 +210,8 @@ class Zoo:
         docs = [json.loads(line) for line in (Path(ctx.data["include_path"]) / f"{task}.jsonl").read_text().splitlines()
                 if line.strip()]
         prompt = spec["doc_to_text"].replace("{{", "{").replace("}}", "}")
-        texts = [prompt.format(**doc) + spec.get("target_delimiter", " ") + spec["doc_to_choice"][doc[spec["doc_to_target"]]]
+        delimiter = spec.get("target_delimiter", " ")
+        texts = [prompt.format(**doc) + delimiter + spec["doc_to_choice"][doc[spec["doc_to_target"]]]
                  for doc in docs]
         tok = ctx.processor
         if tok.pad_token is None:
@@ -329,7 +331,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
             means = {}
             for name in dict.fromkeys(r["config"] for r in mine):
                 sel = [r for r in mine if r["config"] == name]
-                means[name] = {k: sum(r[k] for r in sel) / len(sel) for k in ("bits_per_param", "rel_error", "kl", "score")}
+                means[name] = {k: sum(r[k] for r in sel) / len(sel)
+                               for k in ("bits_per_param", "rel_error", "kl", "score")}
             paper = means.get(PAPER.name, {}).get("kl")
             for name, m in means.items():
                 ratio = f"{m['kl'] / paper:.3f}" if paper else ""
@@ -388,7 +391,8 @@ def side_info_table(zoo: Zoo, task: str, budget: float, knob: float, scratch: Pa
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.deltadct_plus_study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.deltadct_plus_study",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", nargs="+", default=["vit", "t5", "gpt"], choices=sorted(ZOO_ADAPTER))
     parser.add_argument("--configs", nargs="+", default=["choose"],
                         help="config names, or the sets 'choose' / 'confirm' (default %(default)s)")

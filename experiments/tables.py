@@ -139,9 +139,10 @@ class Table:
             header.append(f"p vs {self.reference}")
         lines = [f"**{self.title}** ({self.metric})", "", "| " + " | ".join(header) + " |",
                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        for row, values in zip(self.rows, self.cells()):
+        for row, values in zip(self.rows, self.cells(), strict=True):
             columns = [*self.tasks, "avg"]
-            parts = [values[0], *(cell(row, c, v) for c, v in zip(columns, values[1:-1])), show(values[-1])]
+            parts = [values[0], *(cell(row, c, v) for c, v in zip(columns, values[1:-1], strict=True)),
+                     show(values[-1])]
             if st.has_tests:
                 test = st.tests.get((row.label, "avg"))
                 parts.append("–" if test is None else f"{test.p_value:.3g}")
@@ -176,7 +177,7 @@ class Table:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
-        for row, values in zip(self.rows, self.cells()):
+        for row, values in zip(self.rows, self.cells(), strict=True):
             if st.has_intervals:
                 values += [_half(st.intervals.get((row.label, c))) for c in columns]
             if st.has_tests:
@@ -285,7 +286,7 @@ def _interval(parts: list[_Task]) -> stats.Interval:
     examples, else the Student-t interval over seeds alone."""
     if all(p.outputs is not None for p in parts):
         return stats.mean_ci_over_tasks([(p.outputs, p.metric, p.shared) for p in parts])
-    mean, half = stats.t_interval([sum(v) / len(v) for v in zip(*(p.scores for p in parts))])
+    mean, half = stats.t_interval([sum(v) / len(v) for v in zip(*(p.scores for p in parts), strict=True)])
     return stats.Interval(mean, half, half, 0.0, len(parts[0].scores))
 
 
@@ -299,7 +300,7 @@ def _paired(mine: list[_Task], reference: list[_Task | None], test: str = "boots
         return _mcnemar(mine, reference)
     try:
         return stats.paired_bootstrap_over_tasks([(m.outputs, r.outputs, m.metric, m.shared)
-                                                  for m, r in zip(mine, reference)])
+                                                  for m, r in zip(mine, reference, strict=True)])
     except ValueError:  # other examples (e.g. another eval subset): not pairable
         return None
 
@@ -408,7 +409,7 @@ def build_table(records: Sequence[dict], *, metric: str = "score", title: str | 
         varying = [k for k in options if k != "seed" and (k == "bits_target"
                                                           or len({_freeze(o.get(k)) for o in named}) > 1)]
         by_variant: dict[tuple, Row] = {}
-        for r, opts in zip(group, named):
+        for r, opts in zip(group, named, strict=True):
             variant = {k: opts.get(k) for k in varying}
             row = by_variant.setdefault(tuple(_freeze(v) for v in variant.values()), Row(method, variant))
             row.missed |= bool(r.get("budget")) and not r["budget"]["hit"]
@@ -435,8 +436,8 @@ def build_table(records: Sequence[dict], *, metric: str = "score", title: str | 
             raise TableError(f"refusing to average task {refused[0]!r}: its records mark it {unlearned[refused[0]]}; "
                              "leave it out of --average")
         averaged = list(average)
-    return Table(title, metric, tasks, rows, averaged, {t: unlearned[t] for t in tasks if t not in averaged and t in unlearned},
-                 _reference_label(rows, reference), test)
+    left_out = {t: unlearned[t] for t in tasks if t not in averaged and t in unlearned}
+    return Table(title, metric, tasks, rows, averaged, left_out, _reference_label(rows, reference), test)
 
 
 def _reference_label(rows: Sequence[Row], reference: str | None) -> str | None:
@@ -493,7 +494,7 @@ def plot(table: Table, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for (axis, method), points in sorted(series.items()):
             if axis == label and len(points) > 1:
-                xs, ys, errs = zip(*sorted(points))
+                xs, ys, errs = zip(*sorted(points), strict=True)
                 ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
         ax.set_xlabel(label)
         ax.set_ylabel(f"average {table.metric}")
@@ -507,7 +508,7 @@ def plot(table: Table, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in dict.fromkeys(p[2].method for p in points):
             mine = sorted((b, s, error(row)) for b, s, row in points if row.method == method)
-            xs, ys, errs = zip(*mine)
+            xs, ys, errs = zip(*mine, strict=True)
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, linestyle="-" if len(mine) > 1 else "none",
                         label=method)
         reference = [row.average(table.averaged) for row in table.rows if row.method == REFERENCE_METHOD]

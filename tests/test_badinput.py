@@ -99,11 +99,13 @@ def test_store_moves_what_is_not_a_record_aside_and_loses_nothing(case: StoreCas
         warnings.simplefilter("always")
         assert store.append({"key": "new", "metrics": {}})
     assert [str(w.message) for w in caught] == [
-        f"{path}:{number}: moved a line that is not a record ({why}) to {path}.corrupt" for number, why in case.bad_lines]
+        f"{path}:{number}: moved a line that is not a record ({why}) to {path}.corrupt"
+        for number, why in case.bad_lines]
     assert store.records() == [*kept, {"key": "new", "metrics": {}}]
     assert path.read_bytes().endswith(b"\n")
     corrupt = path.with_name("records.jsonl.corrupt")
-    assert (corrupt.read_bytes() if corrupt.exists() else b"") == b"".join(lines[n - 1] + b"\n" for n in sorted(bad_numbers))
+    moved = b"".join(lines[n - 1] + b"\n" for n in sorted(bad_numbers))
+    assert (corrupt.read_bytes() if corrupt.exists() else b"") == moved
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # quarantined once: reading again finds nothing to move
         assert store.records() == [*kept, {"key": "new", "metrics": {}}]
@@ -113,7 +115,8 @@ def test_store_moves_what_is_not_a_record_aside_and_loses_nothing(case: StoreCas
 def test_store_that_cannot_take_records_is_refused_up_front(kind: str, tmp_path: Path):
     path = unwritable_store(kind, tmp_path)
     before = tree_state(tmp_path)
-    with pytest.raises(E.OutputError, match=rf"result store {re.escape(str(path))} is not (writable|a regular file)") as info:
+    message = rf"result store {re.escape(str(path))} is not (writable|a regular file)"
+    with pytest.raises(E.OutputError, match=message) as info:
         ResultStore(path).check_writable()
     assert "\n" not in str(info.value)
     assert tree_state(tmp_path) == before

@@ -136,7 +136,7 @@ def test_every_method_either_has_a_monotone_knob_or_one_size():
 def test_deltadct_ratios_along_the_path_spend_the_bits(bits, expected):
     ratios = ratios_for_bits((0.2, 0.6, 0.2), (2, 1, 0), bits)
     assert ratios == pytest.approx(expected)
-    assert sum(r * b for r, b in zip(ratios, (2, 1, 0))) == pytest.approx(bits)
+    assert sum(r * b for r, b in zip(ratios, (2, 1, 0), strict=True)) == pytest.approx(bits)
 
 
 # ------------------------------------------------------------------ the runner on the fast zoo
@@ -205,7 +205,8 @@ def test_target_above_the_maximum_is_refused_before_any_record(tmp_path):
 
     store = tmp_path / "records.jsonl"
     cfg = _compose([*FAST, "reference=true", "method=magnitude", "budget.bits=40"])
-    with pytest.raises(ConfigError, match=r"method 'magnitude' cannot reach budget.bits=40: .* to 1[67]\.\d+ bits/param"):
+    message = r"method 'magnitude' cannot reach budget.bits=40: .* to 1[67]\.\d+ bits/param"
+    with pytest.raises(ConfigError, match=message):
         run_job(cfg, run_dir=tmp_path / "run", store_path=store)
     assert not store.exists() or not store.read_text().strip()
 
@@ -214,7 +215,8 @@ def test_budget_section_is_validated_before_loading(tmp_path):
     from experiments.config import validate
 
     for override, word in (("budget.bits=-1", "budget.bits"), ("budget.tolerance=0", "budget.tolerance"),
-                           ("budget.max_trials=1", "budget.max_trials"), ("budget.unreachable=skip", "budget.unreachable")):
+                           ("budget.max_trials=1", "budget.max_trials"),
+                           ("budget.unreachable=skip", "budget.unreachable")):
         with pytest.raises(ConfigError, match=word):
             validate(_compose([*FAST, "method=lowrank", override]))
 

@@ -40,7 +40,7 @@ def test_delta_come_is_gptq_of_v_then_u_with_the_projected_hessian():
     u, s, vt = torch.linalg.svd(delta, full_matrices=False)
     s16 = s.half().double().numpy()  # S is stored unquantised, in fp16
     expected, start = np.zeros((m, n)), 0
-    for bits, k in zip(options["bit_widths"], ranks):
+    for bits, k in zip(options["bit_widths"], ranks, strict=True):
         group = slice(start, start + k)
         # Vᵀ_g (k×n: x ↦ Vᵀx) with the layer inputs' Hessian, per direction in groups of 16 inputs
         codes, scale, zero, index, _ = reference_gptq(vt[group], h, bits=bits, group=16)

@@ -21,7 +21,7 @@ from eval_zoo import fast_zoo, zero_reconstruction
 def test_per_example_kl_against_scipy_and_the_gaussian_formula():
     rng = np.random.default_rng(0)
     ref, ours = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
-    expected = [entropy(softmax(r), softmax(o)) for r, o in zip(ref, ours)]
+    expected = [entropy(softmax(r), softmax(o)) for r, o in zip(ref, ours, strict=True)]
     got = per_example_kl(torch.from_numpy(ref), torch.from_numpy(ours))
     assert got.numpy() == pytest.approx(expected, rel=1e-10)
     # one output (regression): KL(N(a, 1) ‖ N(b, 1)) = (a − b)² / 2
@@ -64,4 +64,5 @@ def test_needs_the_reference_and_a_supported_data_kind():
     with pytest.raises(EvalError, match="needs the fine-tuned reference"):
         evaluator.evaluate(torch.nn.Linear(2, 2), EvalContext("t", {}))
     with pytest.raises(EvalError, match="not data kind 'lm_eval'"):
-        evaluator.evaluate(torch.nn.Linear(2, 2), EvalContext("t", {"kind": "lm_eval"}, reference=torch.nn.Linear(2, 2)))
+        evaluator.evaluate(torch.nn.Linear(2, 2),
+                           EvalContext("t", {"kind": "lm_eval"}, reference=torch.nn.Linear(2, 2)))

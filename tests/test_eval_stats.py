@@ -56,7 +56,7 @@ def test_mean_ci_combines_seed_and_example_parts_in_quadrature():
     assert mcc.mean == pytest.approx(np.mean([matthews_correlation(labels, p) for p in runs]))
     # averaging two tasks: the per-seed average is what the t part sees
     both = mean_ci_over_tasks([(correct, None), ([(labels, p) for p in runs], matthews_correlation)], n_resamples=500)
-    per_seed = [(c.mean() + matthews_correlation(labels, p)) / 2 for c, p in zip(correct, runs)]
+    per_seed = [(c.mean() + matthews_correlation(labels, p)) / 2 for c, p in zip(correct, runs, strict=True)]
     assert both.mean == pytest.approx(np.mean(per_seed))
     assert both.seed_half_width == pytest.approx(t_interval(per_seed)[1])
 

@@ -133,7 +133,7 @@ def test_hf_image_classifier_on_an_image_folder(tmp_path):
     processor = adapter.load_processor(path)
     names = ["ants", "bees", "cats"]  # sorted folder names = class ids
     assert set(predicted.tolist()) == {0, 1, 2}
-    for i, (img, label) in enumerate(zip(images, predicted.tolist())):
+    for i, (img, label) in enumerate(zip(images, predicted.tolist(), strict=True)):
         folder = names[(label + 1) % 3] if i == 0 else names[label]
         (tmp_path / "val" / folder).mkdir(parents=True, exist_ok=True)
         img.save(tmp_path / "val" / folder / f"{i}.png")

@@ -109,7 +109,7 @@ def test_dare_keep_rate_and_unbiasedness():
     outs = np.stack([run("dare", d, p=p, seed=s) for s in range(64)])
     kept = outs != 0
     n = d.size
-    for out, mask in zip(outs, kept):
+    for out, mask in zip(outs, kept, strict=True):
         # the survivors are Δ / (1 − p) (stored as fp16), the rest 0
         assert np.array_equal(out[mask], (d[mask] / np.float32(1 - p)).astype(np.float16).astype(np.float32))
         # keep count ~ Binomial(n, 1 − p): within 5 standard deviations
@@ -168,7 +168,7 @@ def rtn_reference(d: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     scale = np.where(hi > lo, (hi - lo) / np.float32(top), np.float32(1)).astype(np.float32)
     biggest = scale.max()
     scale = ((scale / biggest).astype(np.float16).astype(np.float32) * biggest).astype(np.float32)
-    for (i, s), lo_g, step in zip(groups, lo, scale):
+    for (i, s), lo_g, step in zip(groups, lo, scale, strict=True):
         zero = np.clip(np.round(-lo_g / step), 0, top)
         q = np.clip(np.round(d[i, s] / step) + zero, 0, top)
         out[i, s] = step * (q - zero)
@@ -209,7 +209,7 @@ def test_ultradelta_tiers_follow_the_official_formula():
     rates = tier_rates(stds, sizes, 0.9, 0.05)
     expected_top = (0.9 * 60 - 0.9 * 20 - 0.95 * 20) / 20
     assert rates == pytest.approx([expected_top, 0.95, expected_top, 0.95, 0.9, 0.9])
-    assert sum(r * s for r, s in zip(rates, sizes)) / 60 == pytest.approx(0.9)
+    assert sum(r * s for r, s in zip(rates, sizes, strict=True)) / 60 == pytest.approx(0.9)
     # the official clamp to [0, 0.99]: a top third that would have to drop less than nothing drops nothing
     assert tier_rates([1, 2, 3], [10, 10, 10], 0.005, 0.5) == pytest.approx([0.505, 0.005, 0.0])
 
@@ -251,7 +251,7 @@ def deltadct_reference(d: np.ndarray, p: int, ratios=(0.2, 0.6, 0.2), widths=(2,
     order = np.argsort(-np.linalg.norm(patches.reshape(len(patches), -1), axis=1), kind="stable")
     bounds = [0] + [int(sum(ratios[:i + 1]) * len(patches) + 1e-9) for i in range(len(ratios) - 1)] + [len(patches)]
     out = np.zeros_like(patches)
-    for width, start, stop in zip(widths, bounds[:-1], bounds[1:]):
+    for width, start, stop in zip(widths, bounds[:-1], bounds[1:], strict=True):
         if width == 0:
             continue
         for k in order[start:stop]:

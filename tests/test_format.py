@@ -42,11 +42,11 @@ def hand_counted_bytes(shapes, *, p=16, ratios=(0.2, 0.6, 0.2), widths=(2, 1, 0)
     for m, n in shapes:
         patches = math.ceil(m / p) * math.ceil(n / p)
         cumulative = [math.floor(sum(ratios[:k + 1]) * patches + 1e-9) for k in range(len(ratios) - 1)]
-        counts = [b - a for a, b in zip([0, *cumulative], [*cumulative, patches])]
-        kept = sum(c for c, w in zip(counts, widths) if w > 0)
+        counts = [b - a for a, b in zip([0, *cumulative], [*cumulative, patches], strict=True)]
+        kept = sum(c for c, w in zip(counts, widths, strict=True) if w > 0)
         alloc_bits = math.ceil(math.log2(max(widths) + 1))
         total += math.ceil(patches * alloc_bits / 8)                                    # alloc
-        total += sum(math.ceil(c * p * p * w / 8) for c, w in zip(counts, widths) if w)  # codes{w}
+        total += sum(math.ceil(c * p * p * w / 8) for c, w in zip(counts, widths, strict=True) if w)  # codes{w}
         total += 4 * kept if side == "fp16" else math.ceil(kept * 2 * range_bits / 8) + 8  # ranges (+log_range)
         total += 4                                                                       # scale (fp32)
     return total

@@ -50,7 +50,8 @@ def synthetic_hessian(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     """H = 2·XᵀX/n of random inputs with unequal, correlated features, for a delta of ``shape``."""
     cols = matrix_shape(tuple(shape))[1]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2 * cols + 16, cols, generator=gen) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen))
+    x = torch.randn(2 * cols + 16, cols, generator=gen)  # drawn before the mixing matrix, as always
+    x = x @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen))
     return hessian(x.T @ x, len(x))
 
 

@@ -7,7 +7,6 @@ that its figure was written and that its printed table has a row for every setti
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 

@@ -112,7 +112,7 @@ def test_log_range_at_6_bits_hand_checked():
     # every decoded magnitude is the smallest level at or above the true one
     mags = torch.stack([-lo, hi], 1)
     decoded = torch.stack([-dlo, dhi], 1)
-    for m, d, c in zip(mags.flatten().tolist(), decoded.flatten().tolist(), codes.flatten().tolist()):
+    for m, d, c in zip(mags.flatten().tolist(), decoded.flatten().tolist(), codes.flatten().tolist(), strict=True):
         if m == 0:
             continue
         assert d >= m and d / m < 2 ** step * (1 + 1e-5)

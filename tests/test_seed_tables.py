@@ -59,8 +59,9 @@ def test_table_with_intervals_and_paired_tests_from_the_store(store):
     records = select(store.records())
     table = build_table(records)
     st = table.stats()
-    outputs = {m: [score_inputs(r["examples"]["vision"])[0] for r in sorted(records, key=lambda r: r["config"]["zoo"]["seed"])
-                   if r["method"] == m] for m in ("bitdelta", "deltadct")}
+    by_seed = sorted(records, key=lambda r: r["config"]["zoo"]["seed"])
+    outputs = {m: [score_inputs(r["examples"]["vision"])[0] for r in by_seed if r["method"] == m]
+               for m in ("bitdelta", "deltadct")}
     expected = mean_ci(outputs["deltadct"], shared=True)
     got = st.intervals[("deltadct", "parity")]
     assert got.half_width == pytest.approx(expected.half_width) and got.num_groups == 2

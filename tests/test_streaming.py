@@ -261,4 +261,5 @@ def test_a_shard_that_changes_mid_run_stops_with_one_line_and_leaves_no_output(t
     assert err.count("\n") == 1 and err.startswith("deltadct: error: ") and "Traceback" not in err
     assert str(victim) in err and ("truncated" if fault == "truncated" else "no longer readable") in err
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "ft"] + (["d.dd"] if command == "apply" else []))
+    expected = ["base", "ft"] + (["d.dd"] if command == "apply" else [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)

@@ -82,8 +82,8 @@ def test_allocation_counts_sum_and_never_exceed_budget(n):
     ratios, widths = (0.2, 0.6, 0.2), (2, 1, 0)
     counts = P.allocation_counts(n, ratios)
     assert sum(counts) == n
-    assert all(abs(c - r * n) < 1 + 1e-9 for c, r in zip(counts, ratios))
-    assert sum(c * b for c, b in zip(counts, widths)) <= n * 1.0 + 1e-9
+    assert all(abs(c - r * n) < 1 + 1e-9 for c, r in zip(counts, ratios, strict=True))
+    assert sum(c * b for c, b in zip(counts, widths, strict=True)) <= n * 1.0 + 1e-9
 
 
 def test_allocate_gives_top_scores_the_high_widths_and_ties_stable():

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from deltadct.registry import Registry
 from experiments.zoo.common import (
-    DEVICES, MODES, BuilderModule, UnknownZooFamilyError, ZooEntry, ZooError, ZooFamily, ZooTask, atomic_build_dir, build_lock,
-    is_learned, read_manifest, write_manifest, zoo_dir,
+    DEVICES, MODES, BuilderModule, UnknownZooFamilyError, ZooEntry, ZooError, ZooFamily, ZooTask, atomic_build_dir,
+    build_lock, is_learned, read_manifest, write_manifest, zoo_dir,
 )
 
 __all__ = ["FAMILIES", "MODES", "ZOO_FAMILIES", "ZooEntry", "ZooFamily", "ZooTask", "ZooError", "build_zoo",

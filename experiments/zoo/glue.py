@@ -101,7 +101,7 @@ def load_glue(name: str, split: str) -> list[Example]:
         return read_tsv(path, task)
     try:
         return _load_from_datasets(task, split)
-    except Exception as err:  # any hub/cache failure means the data is simply not available offline
+    except Exception as err:  # noqa: BLE001 - any hub/cache failure means the data is simply not available offline
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ZooDataError(
             f"GLUE {name} {split} data not found: no file {path} and datasets.load_dataset('glue', "

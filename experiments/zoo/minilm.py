@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from experiments.zoo.common import ZooEntry, ZooError, ZooTask, base_like_state, batch_indices, deterministic, train_loop
+from experiments.zoo.common import (
+    ZooEntry, ZooError, ZooTask, base_like_state, batch_indices, deterministic, train_loop,
+)
 from experiments.zoo.glue import (
     GLUE_TASKS, SPLIT_SEED, finetune_splits, majority_score, score, subsample, write_eval_data,
 )
@@ -75,7 +77,7 @@ def copy_base(dest: Path) -> None:
 
 
 def encode(tokenizer, examples: list[dict], max_length: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    columns = list(zip(*(ex["texts"] for ex in examples)))
+    columns = list(zip(*(ex["texts"] for ex in examples), strict=True))
     enc = tokenizer(*columns, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 

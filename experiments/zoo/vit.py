@@ -105,7 +105,7 @@ def save(model, path: Path) -> None:
 def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """``root/<label>/<i>.png`` grayscale files; label folder names sort in label order (< 10 classes
     per digit count, and "0".."9" sort numerically)."""
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / str(int(label))
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")

@@ -244,7 +244,8 @@ def _wrong_base(command: str, base_fn):
         other = root / "other.safetensors"
         save_file(base_fn(), other)
         if command == "apply":
-            return ["apply", "--base", str(other), "--delta", str(good), "--out", str(root / "out" / "model"), "--quiet"]
+            return ["apply", "--base", str(other), "--delta", str(good), "--out", str(root / "out" / "model"),
+                    "--quiet"]
         return ["verify", str(good), "--base", str(other)]
     return build
 
