@@ -396,6 +396,12 @@ def main(cfg: DictConfig) -> None:
     except DeltaDCTError as err:
         print(f"deltadct-run: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - a bug, not bad input: the traceback stays (re-raised)
+        # a multirun reports a failed job only once every job has run, and a sweep killed before then
+        # shows nothing: say which job failed now
+        print(f"deltadct-run: job {hc.job.get('num', 0)} ({hc.job.override_dirname or 'no overrides'}) failed: "
+              f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ def test_peak_memory_sees_a_block_that_holds_64_mib():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32, written so its pages are resident
         block += 1
         # the probe samples every 10 ms from a thread: on a loaded machine a block that lives a few ms can
-        # fall between two samples (a loaded 2-core run here saw 4 KiB once), so keep it alive until a sample sees it (5 s at most)
+        # fall between two samples (a loaded 2-core run here saw 4 KiB once), so keep it alive until a
+        # sample sees it (5 s at most)
         deadline = time.monotonic() + 5
         while memory.peak_rss_bytes - memory.start_rss_bytes < 48 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)

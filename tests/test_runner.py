@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,6 +233,30 @@ def test_killed_sweep_resumes_and_each_config_is_recorded_once(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and err.count("skipped") == 4 and len(store.records()) == 4
     assert not list(tmp_path.rglob("wandb"))
+
+
+def test_a_job_that_fails_on_a_bug_says_so_at_once_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    """Hydra reports a failed multirun job only after the last one; the runner names it when it fails."""
+    import experiments.run as runner
+
+    def run_job(cfg, **kwargs):
+        if cfg.method.name == "bitdelta":
+            raise ImportError("No module named 'datasets'")
+        print(f"job for {cfg.method.name} ran", file=sys.stderr)
+        return []
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["deltadct-run", "-m", *FAST, "method=bitdelta,zero", "logger=none",
+                                      f"store.path={tmp_path / 'r.jsonl'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    # Hydra re-raises the job's error at the end of the sweep, or exits 1 having printed it
+    with warnings.catch_warnings(), pytest.raises((ImportError, SystemExit)):
+        warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
+        runner.main()
+    err = capsys.readouterr().err
+    failed = re.search(r"deltadct-run: job 0 \([^)]*method=bitdelta[^)]*\) failed: ImportError: No module named "
+                       r"'datasets'", err)
+    assert failed and failed.start() < err.index("job for zero ran")  # said before the next job, which still ran
 
 
 def test_a_two_job_sweep_loads_the_pair_once_and_times_each_job(tmp_path, monkeypatch):
