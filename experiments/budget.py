@@ -41,12 +41,14 @@ UNREACHABLE = ("error", "closest")
 
 def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float, *,
                 tolerance: float = 0.01, max_trials: int = 24, method: str = "method",
-                unreachable: str = "error", hint: float | None = None) -> KnobMatch:
+                unreachable: str = "error", hint: tuple[float, float] | None = None) -> KnobMatch:
     """The knob value whose measured bits/param is within ``tolerance`` (relative) of ``target``.
 
-    ``hint``: a value to measure first (the one chosen for another model of the pair, whose tasks
-    mostly share their shapes); when it hits the target the search ends after that one trial, else
-    it stays among the trials and the search goes on as without it. Then it measures both ends of
+    ``hint``: (value, bits) chosen for another model of the pair, whose tasks mostly share their
+    shapes. The value is measured first; the search ends after that one trial when it hits the target,
+    or when it measures exactly the hint's bits (the same file layout, whose best setting the other
+    search already found, e.g. a rank on a step-wise size that misses the target). Otherwise the trial
+    stays among the others and the search goes on as without it. Then it measures both ends of
     the knob's range: a target outside them raises :class:`ConfigError`
     (``unreachable="closest"``: returns the nearer end). Then narrows the bracket by secant steps on the
     measured sizes, falling back to bisection when a step lands near a bracket end (step-wise sizes). Stops at
@@ -63,8 +65,8 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
         return seen[value]
 
     if hint is not None:
-        value = float(round(hint) if knob.integer else hint)
-        if hits(trial(value), target, tolerance):
+        value = float(round(hint[0]) if knob.integer else hint[0])
+        if hits(trial(value), target, tolerance) or seen[value] == hint[1]:
             return KnobMatch(value, seen[value], tuple(seen.items()))
     ends = {knob.low: trial(knob.low), knob.high: trial(knob.high)}
     smallest, largest = min(ends.values()), max(ends.values())
@@ -107,12 +109,13 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
 
 def match_budget(method_name: str, method_config: MethodConfig, budget: Any,
                  measure_options: Callable[[dict[str, Any]], float],
-                 hint: float | None = None) -> tuple[MethodConfig, dict[str, Any]]:
+                 hint: tuple[float, float] | None = None) -> tuple[MethodConfig, dict[str, Any]]:
     """The config a matched-bits run compresses with, and what the record says about the search.
 
     ``measure_options(options)`` compresses with those method options (in memory) and returns
     ``bits_per_param``; ``budget`` is the runner's ``budget`` section (bits, tolerance, max_trials,
-    unreachable); ``hint`` the knob value to try first (:func:`search_knob`).
+    unreachable); ``hint`` the (knob value, bits) to try first (:func:`search_knob`). The record's
+    ``knob_bits`` is what the search measured at the chosen value.
     The record part gets ``bits`` and ``hit`` from the written file later (:func:`finish_record`).
     """
     method = get_method_class(method_name)(method_config)
@@ -127,7 +130,7 @@ def match_budget(method_name: str, method_config: MethodConfig, budget: Any,
                         unreachable=budget.unreachable, hint=hint)
     chosen = knob.options(match.value)
     config = type(method_config).from_dict({**base_options, **chosen})
-    record.update(knob=knob.name, knob_value=match.value, trials=len(match.trials),
+    record.update(knob=knob.name, knob_value=match.value, knob_bits=match.bits, trials=len(match.trials),
                   knob_options={k: (list(v) if isinstance(v, tuple) else v) for k, v in chosen.items()})
     return config, record
 

@@ -263,7 +263,8 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
         hint = None  # the tasks of a pair mostly share their shapes: each search starts where the last ended
         for task in todo:
             configs[task] = match_task_budget(cfg, spec, pair_key, base, tasks[task].path, hint)
-            hint = configs[task][1]["knob_value"]
+            searched = configs[task][1]
+            hint = None if searched["knob"] is None else (searched["knob_value"], searched["knob_bits"])
 
     adapter = create_adapter(cfg.model.adapter)
     calibrated = uses_calibration(get_method_class(spec.method_name))
@@ -359,9 +360,9 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
 
 
 def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path, finetuned: Path,
-                      hint: float | None = None) -> tuple[Any, dict[str, Any]]:
+                      hint: tuple[float, float] | None = None) -> tuple[Any, dict[str, Any]]:
     """The method config whose file for this task measures ``budget.bits`` (experiments/budget.py),
-    trying the knob value ``hint`` first."""
+    trying ``hint`` (knob value, bits) first."""
     base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
     ft_reader = SHARED.get(pair_key, ("checkpoint", str(finetuned)), lambda: open_checkpoint(finetuned))
 

@@ -62,15 +62,27 @@ def test_a_hint_that_hits_ends_the_search_after_one_trial_and_one_that_misses_ch
     fn = lambda v: 0.05 + 2.0 * v ** 1.5  # noqa: E731
     cold = search_knob(Counted(fn), knob, 1.0, tolerance=0.01)
     size = Counted(fn)
-    warm = search_knob(size, knob, 1.0, tolerance=0.01, hint=cold.value)
+    warm = search_knob(size, knob, 1.0, tolerance=0.01, hint=(cold.value, cold.bits))
     assert (warm.value, warm.bits, size.calls, len(warm.trials)) == (cold.value, cold.bits, 1, 1)
     # another model's value that is off here (its sizes are 10 % larger): one wasted trial at most, same answer
     off = Counted(lambda v: 1.1 * fn(v))
     reference = search_knob(Counted(lambda v: 1.1 * fn(v)), knob, 1.0, tolerance=0.01)
-    missed = search_knob(off, knob, 1.0, tolerance=0.01, hint=cold.value)
+    missed = search_knob(off, knob, 1.0, tolerance=0.01, hint=(cold.value, cold.bits))
     assert not hits(1.1 * fn(cold.value), 1.0, 0.01)
     assert abs(missed.bits - 1.0) <= 0.01 and off.calls <= len(reference.trials) + 1
     assert cold.value in dict(missed.trials)
+
+
+def test_a_hint_that_measures_the_same_bits_ends_a_search_that_cannot_hit():
+    """A step-wise size (a rank) that has no step within 1 % of the target: the cold search takes many
+    trials to find the closest step; the same layout again takes one, and ends on the same step."""
+    steps = Counted(lambda v: 0.3 * math.floor(v / 0.3) + 0.05)  # 0.95 and 1.25 around the target 1.0
+    knob = SizeKnob("bits", 0.01, 32.0, lambda v: {"bits": v})
+    cold = search_knob(steps, knob, 1.0, tolerance=0.01)
+    assert not hits(cold.bits, 1.0, 0.01) and steps.calls > 3
+    again = Counted(steps.fn)
+    warm = search_knob(again, knob, 1.0, tolerance=0.01, hint=(cold.value, cold.bits))
+    assert (warm.bits, again.calls) == (cold.bits, 1)
 
 
 def test_search_on_a_decreasing_knob():
