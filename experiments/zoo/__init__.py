@@ -141,7 +141,7 @@ def _task_line(task: ZooTask) -> str:
 
 
 def _print_entry(entry: ZooEntry) -> None:
-    print(f"{entry.family}-{entry.mode}-s{entry.seed}: {entry.root}")
+    print(f"{entry.root.name}: {entry.root}")  # <family>-<mode>-s<seed>[-<device>]
     print(f"  base: {entry.base_path}")
     for task in entry.tasks.values():
         print(f"  {_task_line(task)}  {task.path}")
