@@ -128,6 +128,9 @@ class SweepCache:
 
 
 SHARED = SweepCache()
+#: matched bits: the (knob value, bits) each method config last chose in this process, across pairs, so
+#: the first task of a sweep's next job (another zoo seed, another pair) starts its search there too
+LAST_KNOB: dict[str, tuple[float, float]] = {}
 
 
 # --------------------------------------------------------------------------- measurements
@@ -260,11 +263,14 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     # target leaves the store as it was
     configs = {task: (spec.method_config, None) for task in todo}
     if cfg.budget.bits is not None:
-        hint = None  # the tasks of a pair mostly share their shapes: each search starts where the last ended
+        # models of one family mostly share their shapes: each search starts where the last one ended
+        search_key = json.dumps([spec.method_name, spec.method_config.to_dict(), config["budget"]], sort_keys=True,
+                                default=str)
         for task in todo:
-            configs[task] = match_task_budget(cfg, spec, pair_key, base, tasks[task].path, hint)
+            configs[task] = match_task_budget(cfg, spec, pair_key, base, tasks[task].path, LAST_KNOB.get(search_key))
             searched = configs[task][1]
-            hint = None if searched["knob"] is None else (searched["knob_value"], searched["knob_bits"])
+            if searched["knob"] is not None:
+                LAST_KNOB[search_key] = (searched["knob_value"], searched["knob_bits"])
 
     adapter = create_adapter(cfg.model.adapter)
     calibrated = uses_calibration(get_method_class(spec.method_name))

@@ -154,9 +154,11 @@ def test_deltadct_ratios_along_the_path_spend_the_bits(bits, expected):
 # ------------------------------------------------------------------ the runner on the fast zoo
 
 @pytest.mark.parametrize("method", ["magnitude", "deltadct"])
-def test_matched_bits_run_hits_the_target_on_the_written_file(method, tmp_path):
+def test_matched_bits_run_hits_the_target_on_the_written_file(method, tmp_path, monkeypatch):
+    from experiments import run
     from experiments.run import run_job
 
+    monkeypatch.setattr(run, "LAST_KNOB", {})  # a full search, not one started where an earlier test ended
     store = tmp_path / "records.jsonl"
     cfg = _compose([*FAST, f"method={method}", "budget.bits=1.5"])
     (record,) = run_job(cfg, run_dir=tmp_path / "run", store_path=store)
@@ -172,16 +174,22 @@ def test_matched_bits_run_hits_the_target_on_the_written_file(method, tmp_path):
     assert [row.label for row in table.rows] == [f"{method} (bits_target=1.5)"]
 
 
-def test_later_tasks_of_a_pair_start_their_search_at_the_value_chosen_before(tmp_path):
+def test_later_tasks_of_a_pair_start_their_search_at_the_value_chosen_before(tmp_path, monkeypatch):
     """parity and geq5 share every shape (two-class heads): the second search is one trial, still a hit."""
+    from experiments import run
     from experiments.run import run_job
 
     overrides = [o for o in FAST if not o.startswith("tasks=")]
+    monkeypatch.setattr(run, "LAST_KNOB", {})  # no search of an earlier test in this process
     cfg = _compose([*overrides, "tasks=[parity,geq5]", "method=magnitude", "budget.bits=1.5"])
     first, second = run_job(cfg, run_dir=tmp_path / "run", store_path=tmp_path / "records.jsonl")
     assert first["budget"]["trials"] >= 3 and second["budget"]["trials"] == 1
     assert second["budget"]["knob_value"] == first["budget"]["knob_value"]
     assert first["budget"]["hit"] and second["budget"]["hit"]
+    # the next job of a sweep (here another pair: one task) starts there too
+    (third,) = run_job(_compose([*overrides, "tasks=[geq5]", "method=magnitude", "budget.bits=1.5"]),
+                       run_dir=tmp_path / "run2", store_path=tmp_path / "other.jsonl")
+    assert third["budget"]["trials"] == 1 and third["budget"]["hit"]
 
 
 def test_a_method_of_one_size_is_reported_as_it_is_and_marked(tmp_path):
