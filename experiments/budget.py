@@ -58,14 +58,17 @@ def search_knob(measure: Callable[[float], float], knob: SizeKnob, target: float
     """
     seen: dict[float, float] = {}
 
+    def setting(value: float) -> float:
+        return float(round(value) if knob.integer else value)
+
     def trial(value: float) -> float:
-        value = float(round(value) if knob.integer else value)
+        value = setting(value)
         if value not in seen:
             seen[value] = float(measure(value))
         return seen[value]
 
     if hint is not None:
-        value = float(round(hint[0]) if knob.integer else hint[0])
+        value = setting(hint[0])
         if hits(trial(value), target, tolerance) or seen[value] == hint[1]:
             return KnobMatch(value, seen[value], tuple(seen.items()))
     ends = {knob.low: trial(knob.low), knob.high: trial(knob.high)}

@@ -16,7 +16,7 @@ import random
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator, Mapping
@@ -298,18 +298,17 @@ def deterministic(seed: int, device: str = "cpu") -> Iterator[None]:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    attention = nullcontext()
     if device != "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        attention = sdpa_kernel(SDPBackend.MATH)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(build_threads())
     try:
-        if device == "cpu":
+        with attention:
             yield
-        else:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):
-                yield
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.set_num_threads(previous[1])
