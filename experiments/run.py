@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import functools
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 import deltadct
 from deltadct.checkpoints import open_checkpoint
 from deltadct.calibration import IdentityHessians, collect_hessians
-from deltadct.errors import CheckpointError, DeltaDCTError
+from deltadct.errors import CheckpointError, ConfigError, DeltaDCTError
 from deltadct.methods import create_method, get_method_class
 from deltadct.profiling import PeakMemory, peak_rss_bytes
 from experiments.budget import finish_record, match_budget
@@ -276,11 +279,13 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
     calibrated = uses_calibration(get_method_class(spec.method_name))
     logger = make_logger(config["logger"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    cleanup = contextlib.ExitStack()
     logger.start(config, run_dir=run_dir, group=group or cfg.logger.group or cfg.experiment, name=name)
     common = {"experiment": cfg.experiment, "model": cfg.model.name, "family": cfg.model.family,
               "run_dir": str(run_dir), "overrides": list(overrides or []), **provenance()}
     written = []
     try:
+        deltas_dir = cleanup.enter_context(job_deltas_dir(run_dir, keep=cfg.keep_deltas))
         for task in dict.fromkeys(todo + ref_todo):
             source = tasks[task]
             timer = Timer()
@@ -314,7 +319,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                 continue
             timer = Timer()
             method_config, budget = configs[task]
-            delta_path = run_dir / f"delta_{task}.safetensors"
+            delta_path = deltas_dir / f"delta_{task}.safetensors"
             base_reader = SHARED.get(pair_key, ("checkpoint", str(base)), lambda: open_checkpoint(base))
             ft_reader = SHARED.get(pair_key, ("checkpoint", str(source.path)), lambda: open_checkpoint(source.path))
             timer.seconds.update(calibration_time.seconds)
@@ -354,7 +359,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                             examples=examples, time=dt.datetime.now(dt.timezone.utc).isoformat(),
                             config=config).to_dict()
             if not cfg.keep_deltas:
-                delta_path.unlink()
+                delta_path.unlink()  # now, not at the end: a job of many tasks keeps one delta on disk
             if store.append(record, unless_present=not cfg.force):
                 written.append(record)
                 logger.log_task(record, info["layers"])
@@ -362,7 +367,38 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                   f"bits/param={info['bits_per_param']:.4f}", file=sys.stderr)
     finally:
         logger.finish()
+        cleanup.close()
     return written
+
+
+@contextlib.contextmanager
+def job_deltas_dir(run_dir: Path, *, keep: bool) -> Iterator[Path]:
+    """The folder this job writes its delta files to.
+
+    Hydra names a run's folder by the second the run started, so runs launched together share one, and a
+    delta one of them writes there can be read or deleted by another. Kept deltas go to the run folder
+    under an exclusive lock (a second run keeping its deltas there is an error); temporary ones to a folder
+    of this job alone, removed at the end.
+    """
+    if not keep:
+        scratch = Path(tempfile.mkdtemp(prefix=".deltas-", dir=run_dir))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
+    lock = os.open(run_dir / ".deltadct-run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{run_dir} is in use by another run that keeps its deltas there (Hydra names a run's folder by "
+                "the second it started, so runs started together share one): give each run its own "
+                "hydra.run.dir=..., or set keep_deltas=false") from None
+        yield run_dir
+    finally:
+        os.close(lock)
 
 
 def match_task_budget(cfg: DictConfig, spec: RunSpec, pair_key: str, base: Path, finetuned: Path,

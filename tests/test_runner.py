@@ -5,6 +5,7 @@ process through Hydra's compose API and as ``deltadct-run`` subprocesses started
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -205,6 +206,29 @@ def test_logger_none_leaves_no_wandb_trace(tmp_path):
     assert not list(tmp_path.rglob("wandb")) and not list(tmp_path.rglob("*.wandb"))
     if not had_wandb:
         assert "wandb" not in sys.modules
+
+
+def test_runs_sharing_a_run_folder_never_touch_each_others_deltas(tmp_path):
+    # Hydra names a run's folder by the second it started: runs started together share one. Before,
+    # each wrote delta_<task>.safetensors there and deleted it when done, so one run could evaluate or
+    # delete another's delta (seen on a GPU: 8 parallel runs, 3 failed on a vanished file).
+    run_dir = tmp_path / "2026-12-04_03-16-50"
+    run_dir.mkdir()
+    other = run_dir / "delta_parity.safetensors"
+    other.write_bytes(b"another run's delta, being written")
+    cfg = _compose([*FAST, "method=bitdelta", "reference=false", "keep_deltas=false"])
+    [record] = run_job(cfg, run_dir=run_dir, store_path=tmp_path / "r.jsonl")
+    assert other.read_bytes() == b"another run's delta, being written"  # neither read, replaced nor deleted
+    assert 0.9 < record["bits_per_param"] < 1.3  # its own BitDelta file was measured, not the bytes above
+    assert sorted(p.name for p in run_dir.iterdir() if "delta" in p.name) == ["delta_parity.safetensors"]
+
+    # a run keeping its deltas in the folder holds it: a second one there stops before any work
+    with (run_dir / ".deltadct-run.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        keep = _compose([*FAST, "method=deltadct", "reference=false", "keep_deltas=true"])
+        with pytest.raises(ConfigError, match="in use by another run.*hydra.run.dir"):
+            run_job(keep, run_dir=run_dir, store_path=tmp_path / "kept.jsonl")
+    assert not (tmp_path / "kept.jsonl").exists() and other.read_bytes().startswith(b"another run")
 
 
 def test_killed_sweep_resumes_and_each_config_is_recorded_once(tmp_path):
