@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import abc
+import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Hashable
 
 import numpy as np
-
+import torch
 from torch import nn
 
 from deltadct.adapters import AdapterError, ModelAdapter, adapter_for, create_adapter
@@ -81,6 +82,31 @@ def sample_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray:
     if max_samples is None or max_samples >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
+
+
+#: outputs kept per example at most (a class axis, not a vocabulary: a T5 first-token distribution is not kept)
+MAX_SHARED_OUTPUTS = 1024
+_OUTPUTS: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def shared_outputs(model: nn.Module, inputs: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()``, the output of ``model`` on the batch that ``inputs`` names, run once per model and batch.
+
+    The task metric and the fidelity evaluator read the same validation inputs, and the fine-tuned reference
+    is the same model for every compressed one of a sweep: each such forward pass is run once (3 passes
+    over each validation set per compressed model before, 1 now). ``inputs`` must name everything the
+    batch is made from (data, split, example indices, encoding); a weight changed in place (its tensor
+    version moves) makes a new entry. The outputs are freed with the model.
+    """
+    weights = tuple((id(p), p._version) for p in model.parameters())
+    per_model = _OUTPUTS.setdefault(model, {})
+    key = (weights, inputs)
+    if key in per_model:
+        return per_model[key]
+    out = compute().detach()
+    if out.numel() <= MAX_SHARED_OUTPUTS * max(1, out.shape[0]):
+        per_model[key] = out
+    return out
 
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator", Evaluator, entry_point_group="deltadct.evaluators")

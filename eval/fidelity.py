@@ -13,6 +13,7 @@ Inputs come from the same data spec as the task's evaluator: GLUE TSVs / ``datas
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices
+from .base import (
+    EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices, shared_outputs,
+)
 from .errors import EvalError
 from .examples import encode_examples
-from .glue import default_template, glue_task, load_glue_split
+from .glue import default_template, encode_text_pairs, glue_task, load_glue_split, text_batch_key
 from .vision import ImageSource, load_head, preprocess
 
 IMAGE_KINDS = ("imagefolder", "datasets")
@@ -97,23 +100,28 @@ class FidelityEvaluator(Evaluator):
     def _text_batches(self, model: nn.Module, ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         task = glue_task(ctx.data.get("task", ctx.task))
         tokenizer = require_processor(ctx)
-        texts, _ = load_glue_split(task, ctx.data.get("split") or task.split, ctx.data.get("data_dir"))
-        texts = [texts[i] for i in sample_indices(len(texts), self.options.max_samples, self.options.seed)]
+        split, data_dir = ctx.data.get("split") or task.split, ctx.data.get("data_dir")
+        texts, _ = load_glue_split(task, split, data_dir)
+        keep = sample_indices(len(texts), self.options.max_samples, self.options.seed).tolist()
         max_length = self.options.max_length or ctx.data.get("max_length") or 128
-        text2text = ctx.adapter_for(model).answers_by == "generate"
+        adapter = ctx.adapter_for(model)
         template = ctx.data.get("input_template") or default_template(task)
         device = next(model.parameters()).device
-        for batch in self._chunks(texts, f"fidelity {task.name}"):
-            if text2text:
-                prompts = [template.format(**dict(zip(task.text_columns, t, strict=True))) for t in batch]
+        for indices in self._chunks(keep, f"fidelity {task.name}"):
+            rows = [texts[i] for i in indices]
+            if adapter.answers_by == "generate":
+                prompts = [template.format(**dict(zip(task.text_columns, t, strict=True))) for t in rows]
                 enc = tokenizer(prompts, truncation=True, max_length=max_length, padding="longest",
                                 return_tensors="pt").to(device)
-                start = torch.full((len(batch), 1), model.config.decoder_start_token_id, device=device)
+                start = torch.full((len(rows), 1), model.config.decoder_start_token_id, device=device)
                 enc["decoder_input_ids"] = start  # the first answer token's distribution
-            else:
-                enc = tokenizer(*zip(*batch, strict=True), truncation=True, max_length=max_length, padding="longest",
-                                return_tensors="pt").to(device)
-            yield ctx.reference(**enc).logits, model(**enc).logits
+                yield ctx.reference(**enc).logits, model(**enc).logits
+                continue
+            # the same batches as the glue evaluator's with the same options: their logits are shared
+            key = text_batch_key(task.name, split, str(data_dir), max_length, indices)
+            encoded = functools.cache(lambda rows=rows: encode_text_pairs(tokenizer, rows, max_length, device))
+            yield (shared_outputs(ctx.reference, key, lambda: adapter.logits(ctx.reference, encoded())),
+                   shared_outputs(model, key, lambda: adapter.logits(model, encoded())))
 
     def _image_batches(self, model: nn.Module, ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         processor = require_processor(ctx, "an image transform")

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices
+from .base import (
+    EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices, shared_outputs,
+)
 from .errors import EvalError
 from .examples import encode_examples
 from .metrics import glue_metrics
@@ -107,6 +109,17 @@ def load_glue_split(task: GlueTask, split: str, data_dir: str | Path | None):
     return [tuple(r[c] for c in task.text_columns) for r in ds], labels
 
 
+def encode_text_pairs(tokenizer, rows, max_length: int, device) -> dict[str, torch.Tensor]:
+    """One batch of GLUE rows (tuples of the task's text columns) as padded encoder inputs on ``device``."""
+    return tokenizer(*zip(*rows, strict=True), truncation=True, max_length=max_length, padding="longest",
+                     return_tensors="pt").to(device)
+
+
+def text_batch_key(task: str, split: str, data_dir: str, max_length: int, indices) -> tuple:
+    """What names one encoded batch of a GLUE split for :func:`~eval.base.shared_outputs`."""
+    return ("glue-text", task, split, data_dir, max_length, tuple(int(i) for i in indices))
+
+
 def default_template(task: GlueTask) -> str:
     """T5's GLUE input format, e.g. ``"rte sentence1: {sentence1} sentence2: {sentence2}"`` (MNLI puts the
     hypothesis first)."""
@@ -147,14 +160,16 @@ class GlueEvaluator(Evaluator):
         task = glue_task(ctx.data.get("task", ctx.task))
         tokenizer = require_processor(ctx)
         split = opts.split or ctx.data.get("split") or task.split
-        texts_all, labels = load_glue_split(task, split, opts.data_dir or ctx.data.get("data_dir"))
+        data_dir = opts.data_dir or ctx.data.get("data_dir")
+        texts_all, labels = load_glue_split(task, split, data_dir)
         keep = sample_indices(len(texts_all), opts.max_samples, opts.seed)
         texts, labels = [texts_all[i] for i in keep], [labels[i] for i in keep]
         adapter = ctx.adapter_for(model)
         if adapter.answers_by == "generate":
             predictions = self._generate(model, adapter, tokenizer, task, texts, ctx)
         elif adapter.answers_by == "classify":
-            predictions = self._classify(model, adapter, tokenizer, task, texts, ctx)
+            predictions = self._classify(model, adapter, tokenizer, task, texts, ctx,
+                                         inputs=(task.name, split, str(data_dir), keep.tolist()))
         else:
             raise EvalError(f"GLUE {task.name}: {adapter.name} models neither classify nor generate answers "
                             "(score language models with the lm_eval evaluator)")
@@ -169,7 +184,8 @@ class GlueEvaluator(Evaluator):
             yield items[start:start + size]
 
     @torch.no_grad()
-    def _classify(self, model, adapter, tokenizer, task: GlueTask, texts, ctx: EvalContext) -> list[float]:
+    def _classify(self, model, adapter, tokenizer, task: GlueTask, texts, ctx: EvalContext, *,
+                  inputs: tuple[str, str, str, list[int]]) -> list[float]:
         num_labels = adapter.num_classes(model)
         if num_labels != task.num_labels:
             raise EvalError(f"the model has {num_labels} output label(s) but GLUE {task.name} has "
@@ -177,10 +193,11 @@ class GlueEvaluator(Evaluator):
         max_length = self.options.max_length or ctx.data.get("max_length") or 128
         device = next(model.parameters()).device
         predictions: list[float] = []
-        for batch in self._batches(texts, f"glue {task.name}"):
-            enc = tokenizer(*zip(*batch, strict=True), truncation=True, max_length=max_length, padding="longest",
-                            return_tensors="pt").to(device)
-            logits = adapter.logits(model, enc)
+        *source, keep = inputs
+        for batch in self._batches(list(zip(keep, texts, strict=True)), f"glue {task.name}"):
+            indices, rows = zip(*batch, strict=True)
+            logits = shared_outputs(model, text_batch_key(*source, max_length, indices), lambda rows=rows: (
+                adapter.logits(model, encode_text_pairs(tokenizer, rows, max_length, device))))
             predictions.extend(logits[:, 0].tolist() if task.label_names is None else logits.argmax(-1).tolist())
         return predictions
 

@@ -1,7 +1,9 @@
 """Fidelity evaluator: KL(fine-tuned ‖ model) on the task's validation inputs; 0 for the uncompressed
-delta (`none`), positive for `zero`; the per-example KL against scipy's entropy."""
+delta (`none`), positive for `zero`; the per-example KL against scipy's entropy; forward passes shared
+with the task metric."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from scipy.stats import entropy
 import deltadct
 from deltadct.adapters import get_adapter
 from eval import EvalContext, EvalError, get_evaluator
+from eval.base import MAX_SHARED_OUTPUTS, shared_outputs
 from eval.examples import score_inputs
 from eval.fidelity import per_example_kl
 from eval_zoo import fast_zoo, zero_reconstruction
@@ -66,3 +69,52 @@ def test_needs_the_reference_and_a_supported_data_kind():
     with pytest.raises(EvalError, match="not data kind 'lm_eval'"):
         evaluator.evaluate(torch.nn.Linear(2, 2),
                            EvalContext("t", {"kind": "lm_eval"}, reference=torch.nn.Linear(2, 2)))
+
+
+def test_shared_outputs_runs_each_forward_once_per_model_weights_and_batch():
+    model, calls = torch.nn.Linear(3, 2), []
+
+    def compute():
+        calls.append(1)
+        return model(torch.ones(4, 3))
+
+    first = shared_outputs(model, "batch 0", compute)
+    assert shared_outputs(model, "batch 0", compute) is first and len(calls) == 1
+    shared_outputs(model, "batch 1", compute)
+    assert len(calls) == 2
+    with torch.no_grad():
+        model.weight.add_(1.0)  # in place: the old outputs no longer describe this model
+    again = shared_outputs(model, "batch 0", compute)
+    assert len(calls) == 3 and not torch.equal(again, first)
+    # a vocabulary-sized output is computed each time, not kept
+    wide = torch.nn.Linear(3, MAX_SHARED_OUTPUTS + 1)
+    shared_outputs(wide, "b", lambda: (calls.append(1), wide(torch.ones(2, 3)))[1])
+    shared_outputs(wide, "b", lambda: (calls.append(1), wide(torch.ones(2, 3)))[1])
+    assert len(calls) == 5
+
+
+def test_glue_then_fidelity_runs_one_pass_per_model_and_the_same_numbers():
+    """The runner scores each compressed model with glue, then fidelity: one forward pass of it and (for
+    a whole sweep) one of the reference, where there were three; the numbers are the unshared ones."""
+    entry = fast_zoo("minilm")
+    task = entry.tasks["sst2"]
+    adapter = get_adapter("hf_seqcls")
+    # copies: other tests' passes of these models are shared too
+    reference, model = adapter.load(task.path), copy.deepcopy(zero_reconstruction("hf_seqcls", "minilm", "sst2"))
+    ctx = EvalContext("sst2", task.data, adapter.load_processor(task.path), "hf_seqcls", reference=reference)
+    passes = {"reference": 0, "model": 0}
+    for name, net in (("reference", reference), ("model", model)):
+        net.register_forward_hook(lambda *_, name=name: passes.__setitem__(name, passes[name] + 1))
+    glue, fidelity = get_evaluator("glue")(progress=False), get_evaluator("fidelity")(progress=False)
+    batches = -(-task.data["num_examples"] // 64)
+    accuracy = glue.evaluate(model, ctx)["accuracy"]
+    kl = fidelity.evaluate(model, ctx)["kl"]
+    assert passes == {"reference": batches, "model": batches}  # fidelity reused glue's pass of the model
+    fidelity.evaluate(model, ctx)
+    assert passes == {"reference": batches, "model": batches}
+
+    # unshared: fresh copies of both models (new weights, so nothing cached applies)
+    fresh_ctx = EvalContext("sst2", task.data, ctx.processor, "hf_seqcls", reference=adapter.load(task.path))
+    fresh = copy.deepcopy(model)
+    assert get_evaluator("glue")(progress=False).evaluate(fresh, fresh_ctx)["accuracy"] == accuracy
+    assert get_evaluator("fidelity")(progress=False).evaluate(fresh, fresh_ctx)["kl"] == pytest.approx(kl, rel=1e-6)
