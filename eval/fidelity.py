@@ -28,7 +28,7 @@ from .base import (
 from .errors import EvalError
 from .examples import encode_examples
 from .glue import default_template, encode_text_pairs, glue_task, load_glue_split, text_batch_key
-from .vision import ImageSource, load_head, preprocess
+from .vision import ImageSource, class_logits, image_batch_key, load_head, preprocess
 
 IMAGE_KINDS = ("imagefolder", "datasets")
 TEXT_KINDS = ("glue", "glue_text2text")
@@ -126,19 +126,17 @@ class FidelityEvaluator(Evaluator):
     def _image_batches(self, model: nn.Module, ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         processor = require_processor(ctx, "an image transform")
         adapter = ctx.adapter_for(model)
-        source = ImageSource(ctx.data, ctx.data.get("image_mode") or ("L" if adapter.input_channels(model) == 1
-                                                                      else "RGB"))
+        mode = ctx.data.get("image_mode") or ("L" if adapter.input_channels(model) == 1 else "RGB")
+        source = ImageSource(ctx.data, mode)
         head = load_head(ctx.data["head"]) if ctx.data.get("head") else None
         device = next(model.parameters()).device
         if head is not None:
             head = F.normalize(head.to(device), dim=-1)
-
-        def logits(net: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-            if head is not None:
-                return F.normalize(adapter.image_features(net, pixels, head.shape[1]), dim=-1) @ head.T
-            return adapter.logits(net, adapter.pixel_inputs(pixels))
-
         indices = sample_indices(len(source), self.options.max_samples, self.options.seed).tolist()
         for batch in self._chunks(indices, f"fidelity {ctx.task}"):
-            pixels = preprocess(processor, [source.image(i) for i in batch]).to(device)
-            yield logits(ctx.reference, pixels.to(next(ctx.reference.parameters()).device)), logits(model, pixels)
+            # the vision evaluator's batches with the same options: their logits are shared
+            key = image_batch_key(ctx, mode, batch)
+            pixels = functools.cache(
+                lambda batch=batch: preprocess(processor, [source.image(i) for i in batch]).to(device))
+            yield tuple(shared_outputs(net, key, lambda net=net: class_logits(adapter, net, pixels(), head, ctx))
+                        for net in (ctx.reference, model))

@@ -11,6 +11,7 @@ families (classes, channels, inputs, embeddings) comes from the context's adapte
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .base import EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices
+from .base import (
+    EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices, shared_outputs,
+)
 from .errors import EvalError
 from .examples import encode_examples
 
@@ -94,6 +97,25 @@ class ImageSource:
         return self._rows[i][self._image_column].convert(self.mode)
 
 
+def class_logits(adapter, model: nn.Module, pixels: torch.Tensor, head: torch.Tensor | None,
+                 ctx: EvalContext) -> torch.Tensor:
+    """(batch, classes): the classifier's logits, or with a zero-shot ``head`` (unit rows) the cosine
+    similarity of the image features to each class embedding."""
+    if head is None:
+        return adapter.logits(model, adapter.pixel_inputs(pixels))
+    features = adapter.image_features(model, pixels, head.shape[1])
+    if features.shape[-1] != head.shape[1]:
+        raise EvalError(f"image features have dim {features.shape[-1]} but the zero-shot head "
+                        f"{ctx.data['head']} has dim {head.shape[1]}")
+    return F.normalize(features, dim=-1) @ head.T
+
+
+def image_batch_key(ctx: EvalContext, mode: str, indices) -> tuple:
+    """What names one preprocessed batch of a task's images for :func:`~eval.base.shared_outputs`."""
+    return ("image", json.dumps(ctx.data, sort_keys=True, default=str), mode, repr(ctx.processor),
+            tuple(int(i) for i in indices))
+
+
 def preprocess(processor: Any, images: list) -> torch.Tensor:
     """A batch of pixel tensors from a timm/torchvision transform or a Hugging Face image processor."""
     if hasattr(processor, "preprocess"):  # transformers BaseImageProcessor
@@ -136,15 +158,8 @@ class VisionEvaluator(Evaluator):
         for start in tqdm(range(0, len(indices), size), desc=f"vision {ctx.task}", unit="batch",
                           disable=not self.options.progress, leave=False):
             batch = indices[start:start + size]
-            pixels = preprocess(processor, [source.image(i) for i in batch]).to(device)
-            if head is not None:
-                features = adapter.image_features(model, pixels, head.shape[1])
-                if features.shape[-1] != head.shape[1]:
-                    raise EvalError(f"image features have dim {features.shape[-1]} but the zero-shot head "
-                                    f"{ctx.data['head']} has dim {head.shape[1]}")
-                logits = F.normalize(features, dim=-1) @ head.T
-            else:
-                logits = adapter.logits(model, adapter.pixel_inputs(pixels))
+            logits = shared_outputs(model, image_batch_key(ctx, mode, batch), lambda batch=batch: class_logits(
+                adapter, model, preprocess(processor, [source.image(i) for i in batch]).to(device), head, ctx))
             labels_seen.extend(source.labels[i] for i in batch)
             predictions.extend(logits.argmax(-1).tolist())
         correct = sum(p == y for p, y in zip(predictions, labels_seen, strict=True))

@@ -93,28 +93,38 @@ def test_shared_outputs_runs_each_forward_once_per_model_weights_and_batch():
     assert len(calls) == 5
 
 
-def test_glue_then_fidelity_runs_one_pass_per_model_and_the_same_numbers():
-    """The runner scores each compressed model with glue, then fidelity: one forward pass of it and (for
-    a whole sweep) one of the reference, where there were three; the numbers are the unshared ones."""
-    entry = fast_zoo("minilm")
-    task = entry.tasks["sst2"]
-    adapter = get_adapter("hf_seqcls")
+@pytest.mark.parametrize("family,adapter_name,task_name,metric", [("minilm", "hf_seqcls", "sst2", "glue"),
+                                                                  ("vit", "timm_vit", "parity", "vision")])
+def test_task_metric_and_fidelity_share_forward_passes_with_the_same_numbers(family, adapter_name, task_name,
+                                                                             metric):
+    """The runner scores each compressed model with the task metric, then fidelity. With the same batches
+    (GLUE: both 64) the model runs once, else once per evaluator; the reference runs once for a whole sweep
+    (every compressed model of it). The numbers are the unshared ones."""
+    entry = fast_zoo(family)
+    task = entry.tasks[task_name]
+    adapter = get_adapter(adapter_name)
     # copies: other tests' passes of these models are shared too
-    reference, model = adapter.load(task.path), copy.deepcopy(zero_reconstruction("hf_seqcls", "minilm", "sst2"))
-    ctx = EvalContext("sst2", task.data, adapter.load_processor(task.path), "hf_seqcls", reference=reference)
-    passes = {"reference": 0, "model": 0}
-    for name, net in (("reference", reference), ("model", model)):
+    reference = adapter.load(task.path)
+    models = [copy.deepcopy(zero_reconstruction(adapter_name, family, task_name)) for _ in range(2)]
+    ctx = EvalContext(task_name, task.data, adapter.load_processor(task.path), adapter_name, reference=reference)
+    passes = {"reference": 0, 0: 0, 1: 0}
+    for name, net in (("reference", reference), (0, models[0]), (1, models[1])):
         net.register_forward_hook(lambda *_, name=name: passes.__setitem__(name, passes[name] + 1))
-    glue, fidelity = get_evaluator("glue")(progress=False), get_evaluator("fidelity")(progress=False)
-    batches = -(-task.data["num_examples"] // 64)
-    accuracy = glue.evaluate(model, ctx)["accuracy"]
-    kl = fidelity.evaluate(model, ctx)["kl"]
-    assert passes == {"reference": batches, "model": batches}  # fidelity reused glue's pass of the model
-    fidelity.evaluate(model, ctx)
-    assert passes == {"reference": batches, "model": batches}
+    task_eval, fidelity = get_evaluator(metric)(progress=False), get_evaluator("fidelity")(progress=False)
+    n = task.data.get("num_examples") or len(list(Path(task.data["root"]).glob("*/*.png")))
+    task_batches, fidelity_batches = -(-n // task_eval.options.batch_size), -(-n // fidelity.options.batch_size)
+    shared = task_batches == fidelity_batches
+    score = task_eval.evaluate(models[0], ctx)["score" if metric == "vision" else "accuracy"]
+    kl = fidelity.evaluate(models[0], ctx)["kl"]
+    expected = {"reference": fidelity_batches, 0: task_batches + (0 if shared else fidelity_batches), 1: 0}
+    assert passes == expected
+    fidelity.evaluate(models[0], ctx)
+    fidelity.evaluate(models[1], ctx)  # the next job of a sweep: its own passes, none of the reference
+    assert passes == {**expected, 1: fidelity_batches}
 
     # unshared: fresh copies of both models (new weights, so nothing cached applies)
-    fresh_ctx = EvalContext("sst2", task.data, ctx.processor, "hf_seqcls", reference=adapter.load(task.path))
-    fresh = copy.deepcopy(model)
-    assert get_evaluator("glue")(progress=False).evaluate(fresh, fresh_ctx)["accuracy"] == accuracy
+    fresh_ctx = EvalContext(task_name, task.data, ctx.processor, adapter_name, reference=adapter.load(task.path))
+    fresh = copy.deepcopy(models[0])
+    again = get_evaluator(metric)(progress=False).evaluate(fresh, fresh_ctx)
+    assert again["score" if metric == "vision" else "accuracy"] == score
     assert get_evaluator("fidelity")(progress=False).evaluate(fresh, fresh_ctx)["kl"] == pytest.approx(kl, rel=1e-6)
