@@ -67,8 +67,9 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], *, depth: int = PREFETCH_
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy to ``device`` in the tensor's own dtype (conversions then run on the device, not the host);
-    asynchronous from page-locked memory."""
-    return tensor.to(device, non_blocking=tensor.is_pinned())
+    asynchronous from page-locked memory. (Not asked for a CPU target: on a machine without a GPU the
+    question costs about 0.5 ms a tensor, 5 % of a RoBERTa-base compress.)"""
+    return tensor.to(device, non_blocking=device.type != "cpu" and tensor.is_pinned())
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
