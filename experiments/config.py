@@ -33,12 +33,12 @@ from deltadct.methods import MethodConfig, get_method_class, list_methods
 from deltadct.policy import TensorPolicy
 from experiments.budget import UNREACHABLE
 from experiments.calibration import check_modality, uses_calibration
+from experiments.zoo.common import DEVICES as ZOO_DEVICES
+from experiments.zoo.common import MODES as ZOO_MODES
 
 LOGGERS = ("none", "wandb")
 CALIBRATION_SOURCES = ("none", "task")
 WANDB_MODES = ("online", "offline", "disabled")
-ZOO_MODES = ("fast", "full")
-ZOO_DEVICES = ("cpu", "cuda")
 
 
 @dataclass

@@ -219,7 +219,7 @@ def test_zoo_device_is_checked_and_names_its_own_cache_dir(tmp_path):
     and nothing is left in the cache."""
     assert zoo_dir("minilm", "full", 2, tmp_path).name == "minilm-full-s2"
     assert zoo_dir("minilm", "full", 2, tmp_path, device="cuda").name == "minilm-full-s2-cuda"
-    assert ZOO_DEVICES == DEVICES  # the config's list (kept torch-free) and the builders' agree
+    assert ZOO_DEVICES == DEVICES  # run configs are validated against the builders' list
     with pytest.raises(ZooError, match="the vit zoo cannot be built on 'cuda': its recipe trains on cpu"):
         build_zoo("vit", "fast", cache_dir=tmp_path, device="cuda")
     if not torch.cuda.is_available():
