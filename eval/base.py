@@ -4,11 +4,12 @@ from __future__ import annotations
 import abc
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Hashable
+from typing import Any, Callable, ClassVar, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from deltadct.adapters import AdapterError, ModelAdapter, adapter_for, create_adapter
 from deltadct.methods.base import MethodConfig
@@ -82,6 +83,12 @@ def sample_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray:
     if max_samples is None or max_samples >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
+
+
+def batches(items: Sequence, size: int, *, desc: str, progress: bool) -> Iterator[Sequence]:
+    """Consecutive slices of ``size`` items, with a progress bar of batches unless ``progress`` is false."""
+    for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=not progress, leave=False):
+        yield items[start:start + size]
 
 
 #: outputs kept per example at most (a class axis, not a vocabulary: a T5 first-token distribution is not kept)

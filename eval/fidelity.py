@@ -20,15 +20,15 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .base import (
-    EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices, shared_outputs,
+    EvalContext, EvalOptions, Evaluator, batches, register_evaluator, require_processor, sample_indices,
+    shared_outputs,
 )
 from .errors import EvalError
 from .examples import encode_examples
 from .glue import default_template, encode_text_pairs, glue_task, load_glue_split, text_batch_key
-from .vision import ImageSource, class_logits, image_batch_key, load_head, preprocess
+from .vision import ImageSource, class_logits, image_batch_key, image_mode, load_head, preprocess
 
 IMAGE_KINDS = ("imagefolder", "datasets")
 TEXT_KINDS = ("glue", "glue_text2text")
@@ -92,10 +92,7 @@ class FidelityEvaluator(Evaluator):
         return out
 
     def _chunks(self, items: list, desc: str) -> Iterator[list]:
-        size = self.options.batch_size
-        for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=not self.options.progress,
-                          leave=False):
-            yield items[start:start + size]
+        return batches(items, self.options.batch_size, desc=desc, progress=self.options.progress)
 
     def _text_batches(self, model: nn.Module, ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         task = glue_task(ctx.data.get("task", ctx.task))
@@ -118,7 +115,7 @@ class FidelityEvaluator(Evaluator):
                 yield ctx.reference(**enc).logits, model(**enc).logits
                 continue
             # the same batches as the glue evaluator's with the same options: their logits are shared
-            key = text_batch_key(task.name, split, str(data_dir), max_length, indices)
+            key = text_batch_key(task.name, split, data_dir, max_length, indices)
             encoded = functools.cache(lambda rows=rows: encode_text_pairs(tokenizer, rows, max_length, device))
             yield (shared_outputs(ctx.reference, key, lambda: adapter.logits(ctx.reference, encoded())),
                    shared_outputs(model, key, lambda: adapter.logits(model, encoded())))
@@ -126,7 +123,7 @@ class FidelityEvaluator(Evaluator):
     def _image_batches(self, model: nn.Module, ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         processor = require_processor(ctx, "an image transform")
         adapter = ctx.adapter_for(model)
-        mode = ctx.data.get("image_mode") or ("L" if adapter.input_channels(model) == 1 else "RGB")
+        mode = image_mode(ctx, adapter, model)
         source = ImageSource(ctx.data, mode)
         head = load_head(ctx.data["head"]) if ctx.data.get("head") else None
         device = next(model.parameters()).device

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .base import (
-    EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices, shared_outputs,
+    EvalContext, EvalOptions, Evaluator, batches, register_evaluator, require_processor, sample_indices,
+    shared_outputs,
 )
 from .errors import EvalError
 from .examples import encode_examples
@@ -115,9 +115,9 @@ def encode_text_pairs(tokenizer, rows, max_length: int, device) -> dict[str, tor
                      return_tensors="pt").to(device)
 
 
-def text_batch_key(task: str, split: str, data_dir: str, max_length: int, indices) -> tuple:
+def text_batch_key(task: str, split: str, data_dir: str | Path | None, max_length: int, indices) -> tuple:
     """What names one encoded batch of a GLUE split for :func:`~eval.base.shared_outputs`."""
-    return ("glue-text", task, split, data_dir, max_length, tuple(int(i) for i in indices))
+    return ("glue-text", task, split, str(data_dir), max_length, tuple(int(i) for i in indices))
 
 
 def default_template(task: GlueTask) -> str:
@@ -169,7 +169,7 @@ class GlueEvaluator(Evaluator):
             predictions = self._generate(model, adapter, tokenizer, task, texts, ctx)
         elif adapter.answers_by == "classify":
             predictions = self._classify(model, adapter, tokenizer, task, texts, ctx,
-                                         inputs=(task.name, split, str(data_dir), keep.tolist()))
+                                         split=split, data_dir=data_dir, keep=keep.tolist())
         else:
             raise EvalError(f"GLUE {task.name}: {adapter.name} models neither classify nor generate answers "
                             "(score language models with the lm_eval evaluator)")
@@ -178,14 +178,12 @@ class GlueEvaluator(Evaluator):
         return {**glue_metrics(task.name, labels, predictions), "num_examples": float(len(labels))}
 
     def _batches(self, items: list, desc: str):
-        size = self.options.batch_size
-        starts = range(0, len(items), size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not self.options.progress, leave=False):
-            yield items[start:start + size]
+        return batches(items, self.options.batch_size, desc=desc, progress=self.options.progress)
 
     @torch.no_grad()
     def _classify(self, model, adapter, tokenizer, task: GlueTask, texts, ctx: EvalContext, *,
-                  inputs: tuple[str, str, str, list[int]]) -> list[float]:
+                  split: str, data_dir: str | Path | None, keep: list[int]) -> list[float]:
+        """Predictions for ``texts``, rows ``keep`` of the task's ``split`` read from ``data_dir``."""
         num_labels = adapter.num_classes(model)
         if num_labels != task.num_labels:
             raise EvalError(f"the model has {num_labels} output label(s) but GLUE {task.name} has "
@@ -193,10 +191,10 @@ class GlueEvaluator(Evaluator):
         max_length = self.options.max_length or ctx.data.get("max_length") or 128
         device = next(model.parameters()).device
         predictions: list[float] = []
-        *source, keep = inputs
         for batch in self._batches(list(zip(keep, texts, strict=True)), f"glue {task.name}"):
             indices, rows = zip(*batch, strict=True)
-            logits = shared_outputs(model, text_batch_key(*source, max_length, indices), lambda rows=rows: (
+            key = text_batch_key(task.name, split, data_dir, max_length, indices)
+            logits = shared_outputs(model, key, lambda rows=rows: (
                 adapter.logits(model, encode_text_pairs(tokenizer, rows, max_length, device))))
             predictions.extend(logits[:, 0].tolist() if task.label_names is None else logits.argmax(-1).tolist())
         return predictions

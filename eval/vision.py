@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .base import (
-    EvalContext, EvalOptions, Evaluator, register_evaluator, require_processor, sample_indices, shared_outputs,
+    EvalContext, EvalOptions, Evaluator, batches, register_evaluator, require_processor, sample_indices,
+    shared_outputs,
 )
 from .errors import EvalError
 from .examples import encode_examples
@@ -110,6 +110,11 @@ def class_logits(adapter, model: nn.Module, pixels: torch.Tensor, head: torch.Te
     return F.normalize(features, dim=-1) @ head.T
 
 
+def image_mode(ctx: EvalContext, adapter, model: nn.Module) -> str:
+    """The PIL mode images are read in: the data spec's ``image_mode``, else what the model takes."""
+    return ctx.data.get("image_mode") or ("L" if adapter.input_channels(model) == 1 else "RGB")
+
+
 def image_batch_key(ctx: EvalContext, mode: str, indices) -> tuple:
     """What names one preprocessed batch of a task's images for :func:`~eval.base.shared_outputs`."""
     return ("image", json.dumps(ctx.data, sort_keys=True, default=str), mode, repr(ctx.processor),
@@ -140,7 +145,7 @@ class VisionEvaluator(Evaluator):
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         processor = require_processor(ctx, "an image transform")
         adapter = ctx.adapter_for(model)
-        mode = ctx.data.get("image_mode") or ("L" if adapter.input_channels(model) == 1 else "RGB")
+        mode = image_mode(ctx, adapter, model)
         source = ImageSource(ctx.data, mode)
         head = load_head(ctx.data["head"]) if ctx.data.get("head") else None
         num_classes = head.shape[0] if head is not None else adapter.num_classes(model)
@@ -152,12 +157,10 @@ class VisionEvaluator(Evaluator):
         if head is not None:
             head = F.normalize(head.to(device), dim=-1)
         indices = sample_indices(len(source), self.options.max_samples, self.options.seed).tolist()
-        size = self.options.batch_size
         labels_seen: list[int] = []
         predictions: list[int] = []
-        for start in tqdm(range(0, len(indices), size), desc=f"vision {ctx.task}", unit="batch",
-                          disable=not self.options.progress, leave=False):
-            batch = indices[start:start + size]
+        for batch in batches(indices, self.options.batch_size, desc=f"vision {ctx.task}",
+                             progress=self.options.progress):
             logits = shared_outputs(model, image_batch_key(ctx, mode, batch), lambda batch=batch: class_logits(
                 adapter, model, preprocess(processor, [source.image(i) for i in batch]).to(device), head, ctx))
             labels_seen.extend(source.labels[i] for i in batch)
