@@ -40,7 +40,11 @@ class PeakMemory:
     """Peak memory while a block runs: ``with PeakMemory(device) as mem: ...``.
 
     The process RSS is sampled by a thread every ``interval`` seconds (and at entry and exit):
-    ``start_rss_bytes``, ``peak_rss_bytes`` and ``extra_rss_bytes`` (peak above the start). On a CUDA
+    ``start_rss_bytes``, ``peak_rss_bytes`` and ``extra_rss_bytes`` (peak above the start), and the
+    same for anonymous memory (``*_anon_bytes``, Linux only, else 0). The anonymous figures are what the
+    block itself allocated: total RSS also counts file pages (mapped shared libraries, memory-mapped
+    checkpoints) that the kernel may reclaim while the block runs, so under memory pressure a 64 MiB
+    allocation can leave total RSS flat (seen on a CI machine). On a CUDA
     ``device`` torch's allocator peak is read too: ``cuda_start_bytes``, ``cuda_peak_bytes`` and
     ``cuda_extra_bytes`` (None elsewhere). Sampling needs ``psutil`` (the ``experiments`` extra).
     """
@@ -53,15 +57,20 @@ class PeakMemory:
         self._device = torch.device(device)
         self._stop = threading.Event()
         self.start_rss_bytes = self.peak_rss_bytes = 0
+        self.start_anon_bytes = self.peak_anon_bytes = 0
         self.cuda_start_bytes: int | None = None
         self.cuda_peak_bytes: int | None = None
 
     def _rss(self) -> int:
         return self._process.memory_info().rss
 
+    def _update_peaks(self) -> None:
+        self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_rss_bytes())
+
     def _sample(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
+            self._update_peaks()
 
     def __enter__(self) -> "PeakMemory":
         if self._device.type == "cuda":
@@ -69,6 +78,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self._device)
             self.cuda_start_bytes = torch.cuda.memory_allocated(self._device)
         self.start_rss_bytes = self.peak_rss_bytes = self._rss()
+        self.start_anon_bytes = self.peak_anon_bytes = anon_rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -76,7 +86,7 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_rss_bytes = max(self.peak_rss_bytes, self._rss())
+        self._update_peaks()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
             self.cuda_peak_bytes = torch.cuda.max_memory_allocated(self._device)
@@ -84,6 +94,10 @@ class PeakMemory:
     @property
     def extra_rss_bytes(self) -> int:
         return self.peak_rss_bytes - self.start_rss_bytes
+
+    @property
+    def extra_anon_bytes(self) -> int:
+        return self.peak_anon_bytes - self.start_anon_bytes
 
     @property
     def cuda_extra_bytes(self) -> int | None:

@@ -352,6 +352,7 @@ def run_job(cfg: DictConfig, *, run_dir: Path, store_path: Path, group: str | No
                             zoo_scores=source.zoo_scores, timings=dict(timer.seconds),
                             budget=ABSENT if budget is None else finish_record(budget, info["bits_per_param"]),
                             memory={"compress_peak_rss_mb": _mib(memory.peak_rss_bytes),
+                                    "compress_peak_anon_mb": _mib(memory.peak_anon_bytes),
                                     "max_rss_mb": _mib(peak_rss_bytes()),
                                     "cuda_max_allocated_mb": _mib(memory.cuda_peak_bytes)},
                             delta_path=str(delta_path) if cfg.keep_deltas else None,

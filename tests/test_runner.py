@@ -181,6 +181,7 @@ def test_run_records_measured_numbers_and_logs_to_wandb_offline(tmp_path):
     assert ref["metrics"]["reconstruction/score"] == pytest.approx(0, abs=1e-6)  # the reference vs itself
     assert rec["metrics"]["reconstruction/score"] > 0
     assert rec["timings"]["compress"] > 0 and rec["memory"]["compress_peak_rss_mb"] > 0
+    assert 0 < rec["memory"]["compress_peak_anon_mb"] <= rec["memory"]["compress_peak_rss_mb"]
     assert rec["git_commit"] and rec["versions"]["torch"] and rec["host"]["name"]
 
     # offline W&B keeps the run in one binary log (protobuf records; keys and JSON values as text)
